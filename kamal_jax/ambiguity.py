@@ -1,0 +1,51 @@
+"""How unsure a teacher is about a sample, and which teacher each sample learns from.
+
+Every measure maps logits [..., C] to an ambiguity [...] (larger = less sure), over
+the last axis only, so it serves any leading shape, e.g. [K, B, C] -> [K, B].
+"""
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def entropy(logits: jnp.ndarray) -> jnp.ndarray:
+  """Shannon entropy (nats) of softmax(logits)."""
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+
+
+def margin(logits: jnp.ndarray) -> jnp.ndarray:
+  """1 - (top-1 probability - top-2 probability)."""
+  top2 = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), 2)[0]
+  return 1.0 - (top2[..., 0] - top2[..., 1])
+
+
+def max_prob(logits: jnp.ndarray) -> jnp.ndarray:
+  """1 - the top-1 probability."""
+  return 1.0 - jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+
+
+MEASURES: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
+    "entropy": entropy,
+    "margin": margin,
+    "max_prob": max_prob,
+}
+
+
+def get(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
+  if name not in MEASURES:
+    raise ValueError(f"Unknown ambiguity measure {name!r}: use one of {sorted(MEASURES)}.")
+  return MEASURES[name]
+
+
+def select(ambiguity: jnp.ndarray) -> jnp.ndarray:
+  """One-hot choice of the least ambiguous teacher per sample.
+
+  Args:
+    ambiguity: [K, B].
+  Returns:
+    [B, K] float mask; ties go to the lowest k (argmin returns the first minimum).
+  """
+  k = ambiguity.shape[0]
+  return jax.nn.one_hot(jnp.argmin(ambiguity, axis=0), k, dtype=ambiguity.dtype)

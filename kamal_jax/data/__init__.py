@@ -1,0 +1,81 @@
+"""Datasets by name, the held-out split, and the deterministic batch streams.
+
+Everything random here is a pure function of (seed, stream name, step), so a resumed
+run replays exactly the batches it would have seen.
+"""
+import os
+import zlib
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from kamal_jax.data.digits import Digits
+
+
+class LabeledImages(NamedTuple):
+  images: np.ndarray  # [N, H, W, C] float32
+  labels: np.ndarray  # [N] int32, index into class_names
+  class_names: tuple[str, ...]
+
+  def subset(self, indices: np.ndarray) -> "LabeledImages":
+    return LabeledImages(self.images[indices], self.labels[indices], self.class_names)
+
+
+BUILDERS = {"digits": Digits}
+
+
+def load(name: str, data_dir: str = "") -> LabeledImages:
+  """All examples of a dataset held in memory, in a fixed order (by 'id')."""
+  if name not in BUILDERS:
+    raise ValueError(f"Unknown dataset {name!r}: use one of {sorted(BUILDERS)}.")
+  builder = BUILDERS[name](data_dir=os.path.expanduser(data_dir) or None,
+                           file_format="array_record")
+  builder.download_and_prepare()
+  source = builder.as_data_source(split="train")
+  examples = source.__getitems__(list(range(len(source))))
+  order = np.argsort([e["id"] for e in examples])
+  images = np.stack([examples[i]["image"] for i in order]).astype(np.float32)
+  labels = np.array([examples[i]["label"] for i in order], np.int32)
+  return LabeledImages(images, labels, tuple(builder.info.features["label"].names))
+
+
+def stream_rng(seed: int, stream: str, *counters: int) -> np.random.Generator:
+  """A NumPy generator determined by the seed, a stream name and counters."""
+  return np.random.default_rng([seed, zlib.crc32(stream.encode()), *counters])
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int):
+  """Seeded split keeping each class's share: (train indices, test indices), sorted."""
+  rng = stream_rng(seed, "split")
+  test = []
+  for label in np.unique(labels):
+    members = rng.permutation(np.flatnonzero(labels == label))
+    test.append(members[:int(round(test_fraction * len(members)))])
+  test = np.sort(np.concatenate(test))
+  return np.setdiff1d(np.arange(len(labels)), test), test
+
+
+def batch_indices(num_items: int, batch_size: int, seed: int, stream: str,
+                  step: int) -> np.ndarray:
+  """Indices [batch_size] of batch `step` of a stream of reshuffled epochs.
+
+  Each epoch is a fresh permutation; its last partial batch is dropped, so every
+  batch has the same shape (one compiled program) and every item is seen about
+  equally often over training.
+  """
+  if num_items < batch_size:
+    raise ValueError(f"Stream {stream!r} has {num_items} items, fewer than one batch "
+                     f"of {batch_size}: lower the batch size.")
+  per_epoch = num_items // batch_size
+  epoch, position = divmod(step, per_epoch)
+  order = stream_rng(seed, stream, epoch).permutation(num_items)
+  return order[position * batch_size:(position + 1) * batch_size]
+
+
+def shard(array: np.ndarray, num_devices: int) -> np.ndarray:
+  """[B, ...] -> [num_devices, B / num_devices, ...] for a pmapped function."""
+  if array.shape[0] % num_devices:
+    raise ValueError(f"Batch of {array.shape[0]} does not split over {num_devices} "
+                     f"devices: use a batch size divisible by {num_devices}.")
+  return array.reshape((num_devices, -1) + array.shape[1:])

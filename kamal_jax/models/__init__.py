@@ -1,0 +1,36 @@
+"""Networks by name: `create(arch, num_outputs, width_scale)`."""
+import dataclasses
+
+import jax.numpy as jnp
+
+from kamal_jax.models.bridges import Bridges
+from kamal_jax.models.resnet import Outputs, ResNet
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+  widths: tuple[int, ...]  # stem, then one per stage
+  blocks: tuple[int, ...]
+  small_input: bool
+
+
+ARCHS = {
+    "resnet18": Arch((64, 64, 128, 256, 512), (2, 2, 2, 2), small_input=False),
+    "resnet34": Arch((64, 64, 128, 256, 512), (3, 4, 6, 3), small_input=False),
+    # Sized for the 8x8 digits: 3x3 stem, one block per stage, 8 -> 4 -> 2 -> 1.
+    "resnet10_digits": Arch((16, 16, 32, 64, 128), (1, 1, 1, 1), small_input=True),
+}
+
+
+def create(arch: str, num_outputs: int, width_scale: float = 1.0,
+           dtype=jnp.float32) -> ResNet:
+  """The named architecture with every width scaled (rounded) by `width_scale`."""
+  if arch not in ARCHS:
+    raise ValueError(f"Unknown model {arch!r}: use one of {sorted(ARCHS)}.")
+  spec = ARCHS[arch]
+  widths = tuple(int(round(w * width_scale)) for w in spec.widths)
+  return ResNet(widths=widths, blocks=spec.blocks, num_outputs=num_outputs,
+                small_input=spec.small_input, dtype=dtype)
+
+
+__all__ = ["ARCHS", "Arch", "Bridges", "Outputs", "ResNet", "create"]

@@ -1,0 +1,21 @@
+"""Transfer bridges: one bias-free 1x1 convolution per feature tap.
+
+A stack of K bridge sets (one per teacher or component) is a Bridges parameter tree
+with a leading K axis, initialised and applied with `jax.vmap`.
+"""
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class Bridges(nn.Module):
+  widths: Sequence[int]  # output channels per tap
+
+  @nn.compact
+  def __call__(self, feats: Sequence[jnp.ndarray]) -> tuple:
+    if len(feats) != len(self.widths):
+      raise ValueError(f"Bridges for {len(self.widths)} taps got {len(feats)} feature maps.")
+    return tuple(
+        nn.Conv(width, (1, 1), use_bias=False, name=f"tap{l}")(f)
+        for l, (width, f) in enumerate(zip(self.widths, feats)))

@@ -1,0 +1,91 @@
+"""ResNet family with feature taps, as the amalgamation losses need them.
+
+A network returns `Outputs(logits, feats)`: `logits` [B, sum(head sizes)] (the heads
+of a multi-head classifier laid side by side: one linear map over shared features is
+exactly a set of per-head linear maps) and `feats`, one tap per place the bridges
+read: the raw stem convolution, then each stage's output before its final ReLU.
+"""
+from typing import NamedTuple, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class Outputs(NamedTuple):
+  logits: jnp.ndarray  # [B, C]
+  feats: tuple  # ([B, H_l, W_l, D_l] for each tap l)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions with a shortcut; `final_relu=False` leaves the
+  pre-activation sum, which is what a feature tap reads."""
+  width: int
+  stride: int
+  final_relu: bool
+  norm: type
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    conv = lambda w, k, s, name: nn.Conv(
+        w, (k, k), (s, s), padding=k // 2, use_bias=False, dtype=self.dtype,
+        name=name)
+    y = conv(self.width, 3, self.stride, "conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    y = conv(self.width, 3, 1, "conv2")(y)
+    y = self.norm(name="bn2", scale_init=nn.initializers.zeros)(y)
+    if x.shape[-1] != self.width or self.stride != 1:
+      x = conv(self.width, 1, self.stride, "shortcut_conv")(x)
+      x = self.norm(name="shortcut_bn")(x)
+    y = x + y
+    return nn.relu(y) if self.final_relu else y
+
+
+class ResNet(nn.Module):
+  """ResNet by width list.
+
+  Attributes:
+    widths: (stem width, stage 1 width, ..., stage N width).
+    blocks: number of basic blocks per stage (len(widths) - 1 entries).
+    num_outputs: total logits (sum of the head sizes).
+    small_input: a 3x3 stride-1 stem and no max-pool (8x8 or 32x32 images)
+      instead of the ImageNet 7x7 stride-2 stem and 3x3 max-pool.
+    bn_axis_name: the data-parallel axis; batch statistics are computed over the
+      whole global batch, so a step on N devices equals the step on one.
+  """
+  widths: Sequence[int]
+  blocks: Sequence[int]
+  num_outputs: int
+  small_input: bool = False
+  bn_axis_name: str | None = "batch"
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False) -> Outputs:
+    if len(self.blocks) != len(self.widths) - 1:
+      raise ValueError(
+          f"ResNet needs one block count per stage: widths {tuple(self.widths)} "
+          f"give {len(self.widths) - 1} stages but blocks is {tuple(self.blocks)}.")
+    norm = lambda **kw: nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5,
+        axis_name=self.bn_axis_name if train else None, dtype=self.dtype, **kw)
+    x = x.astype(self.dtype)
+    kernel, stride = (3, 1) if self.small_input else (7, 2)
+    x = nn.Conv(self.widths[0], (kernel, kernel), (stride, stride),
+                padding=kernel // 2, use_bias=False, dtype=self.dtype,
+                name="stem_conv")(x)
+    feats = [x]
+    x = nn.relu(norm(name="stem_bn")(x))
+    if not self.small_input:
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    for stage, (width, count) in enumerate(zip(self.widths[1:], self.blocks)):
+      for block in range(count):
+        stride = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock(width, stride, final_relu=block < count - 1, norm=norm,
+                       dtype=self.dtype, name=f"stage{stage + 1}_block{block + 1}")(x)
+      feats.append(x)
+      x = nn.relu(x)
+    x = jnp.mean(x, axis=(1, 2))  # [B, D]
+    logits = nn.Dense(self.num_outputs, dtype=self.dtype, name="head")(x)
+    return Outputs(logits.astype(jnp.float32),
+                   tuple(f.astype(jnp.float32) for f in feats))

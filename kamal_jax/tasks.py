@@ -1,0 +1,156 @@
+"""Label spaces, the user's target, and the grouping of teachers by sub-task.
+
+A *label space* is a tuple of heads; a head is a named tuple of class names, and a
+network's logits lay its heads side by side. A class teacher has one head of C classes;
+a multi-attribute teacher has one 2-way head per attribute. Class names are global
+(the class "3" of one teacher is the class "3" of another), which is what lets the
+grouping match teachers to the target without any hand-written table.
+
+The target is a tuple of *parts* (sub-tasks): each part is a set of classes that one
+head of a teacher must cover entirely, and becomes one component net and one head of
+the student. `make_plan` finds, for each part, every teacher that covers it and the
+positions of the part's classes in that teacher's logits.
+"""
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+  name: str
+  classes: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSpace:
+  heads: tuple[Head, ...]
+
+  @property
+  def classes(self) -> tuple[str, ...]:
+    """All class names in logit order."""
+    return tuple(c for head in self.heads for c in head.classes)
+
+  @property
+  def num_outputs(self) -> int:
+    return len(self.classes)
+
+  def positions(self, classes: Sequence[str]) -> np.ndarray | None:
+    """Logit positions of `classes` if one head holds them all, else None."""
+    offset = 0
+    for head in self.heads:
+      if all(c in head.classes for c in classes):
+        return np.array([offset + head.classes.index(c) for c in classes], np.int32)
+      offset += len(head.classes)
+    return None
+
+
+def attribute_head(attribute: str) -> Head:
+  """A binary attribute as a 2-way head: logit 0 is 'absent', logit 1 'present'."""
+  return Head(attribute, (f"{attribute}:0", f"{attribute}:1"))
+
+
+def label_space(spec, owner: str) -> LabelSpace:
+  """A label space from a config value: a list of class names (one head named
+  'classes') or a mapping {head name: list of class names}."""
+  if isinstance(spec, str) or not isinstance(spec, (Sequence, Mapping)):
+    raise ValueError(
+        f"Label set of {owner!r} must be a list of class names or a mapping "
+        f"{{head: [class names]}}, got {spec!r}.")
+  named = spec.items() if isinstance(spec, Mapping) else [("classes", spec)]
+  heads = tuple(Head(str(name), tuple(str(c) for c in classes))
+                for name, classes in named)
+  space = LabelSpace(heads)
+  _check_unique(space.classes, f"the label set of {owner!r}")
+  if not space.classes:
+    raise ValueError(f"The label set of {owner!r} is empty: give it its classes.")
+  return space
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  name: str
+  classes: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """The teachers that share one part, and where the part sits in their logits."""
+  part: Part
+  teachers: tuple[str, ...]
+  index: np.ndarray  # [K, P] int32: logit positions of the part's classes per teacher
+
+
+@dataclasses.dataclass(frozen=True)
+class AmalgamationPlan:
+  groups: tuple[Group, ...]
+  label_spaces: Mapping[str, LabelSpace]  # every teacher in the pool, by name
+
+  @property
+  def parts(self) -> tuple[Part, ...]:
+    return tuple(g.part for g in self.groups)
+
+  @property
+  def head_sizes(self) -> tuple[int, ...]:
+    """The student's heads: one per part, in part order."""
+    return tuple(len(p.classes) for p in self.parts)
+
+  @property
+  def target_classes(self) -> tuple[str, ...]:
+    """All target classes in the order of the student's concatenated logits."""
+    return tuple(c for p in self.parts for c in p.classes)
+
+  @property
+  def used_teachers(self) -> tuple[str, ...]:
+    return tuple(t for g in self.groups for t in g.teachers)
+
+
+def _check_unique(names: Sequence[str], where: str):
+  seen, repeated = set(), []
+  for name in names:
+    if name in seen:
+      repeated.append(name)
+    seen.add(name)
+  if repeated:
+    raise ValueError(f"Duplicate names {sorted(set(repeated))} in {where}: "
+                     "give each a distinct name.")
+
+
+def make_plan(parts: Mapping[str, Sequence[str]],
+              teachers: Mapping[str, LabelSpace]) -> AmalgamationPlan:
+  """Groups the teachers by the target part they cover.
+
+  Args:
+    parts: {part name: class names}, in the order of the student's heads.
+    teachers: {teacher name: label space}; teachers that cover no part are left out.
+
+  Raises:
+    ValueError: empty or overlapping parts, target classes that no teacher knows,
+      or a part that no single teacher head covers entirely.
+  """
+  if not parts:
+    raise ValueError("The target has no parts: name at least one part and its classes.")
+  parts = tuple(Part(str(name), tuple(str(c) for c in classes))
+                for name, classes in parts.items())
+  for part in parts:
+    if not part.classes:
+      raise ValueError(f"Target part {part.name!r} is empty: give it its classes.")
+  _check_unique([c for p in parts for c in p.classes], "the target parts")
+  known = {c for space in teachers.values() for c in space.classes}
+  unknown = [c for p in parts for c in p.classes if c not in known]
+  if unknown:
+    raise ValueError(
+        f"Target classes {unknown} are covered by no teacher (teachers know "
+        f"{sorted(known)}): drop them from the target or add a teacher that knows them.")
+  groups = []
+  for part in parts:
+    members = {name: space.positions(part.classes) for name, space in teachers.items()}
+    members = {name: index for name, index in members.items() if index is not None}
+    if not members:
+      raise ValueError(
+          f"No teacher has one head covering all of part {part.name!r} "
+          f"{list(part.classes)}, so its group is empty: split the part into "
+          "pieces that single teachers cover, or add such a teacher.")
+    groups.append(Group(part, tuple(members), np.stack(list(members.values()))))
+  return AmalgamationPlan(tuple(groups), dict(teachers))

@@ -1,0 +1,117 @@
+"""The training loop shared by every stage: resume, step, log, checkpoint.
+
+A stage's checkpoints live in their own orbax CheckpointManager directory. A stage
+whose latest checkpoint is at its last step is finished: it is restored, never
+trained again.
+"""
+import dataclasses
+from pathlib import Path
+from typing import Callable, Hashable, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tqdm
+from flax import jax_utils
+
+from kamal_jax.train.state import TrainState
+from kamal_jax.train.step import train_step
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  num_steps: int
+  log_every: int
+  checkpoint_every: int  # a multiple of log_every: metrics are checked before a save
+
+  def __post_init__(self):
+    if self.checkpoint_every % self.log_every:
+      raise ValueError(
+          f"checkpoint_every={self.checkpoint_every} is not a multiple of "
+          f"log_every={self.log_every}: make it one, so every checkpoint follows a "
+          "check that the loss is finite.")
+
+
+def _manager(directory: Path) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      directory.absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+
+def _on_first_device(abstract):
+  """Target of a restore: every array on the first local device."""
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, make_state) -> TrainState:
+  abstract = _on_first_device(jax.eval_shape(make_state))
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def restore_finished(directory: Path, make_state: Callable[[], TrainState],
+                     num_steps: int) -> TrainState | None:
+  """The final state of a finished stage, or None if the stage has not finished."""
+  with _manager(directory) as manager:
+    if manager.latest_step() != num_steps:
+      return None
+    return _restore(manager, num_steps, make_state)
+
+
+def _log(writer, name: str, step: int, history: list, axis_labels: Sequence[str]):
+  """Means of the metrics since the last log; vector metrics ([K]) are written per
+  entry of `axis_labels` (teacher or component names)."""
+  history = jax.device_get(history)  # replicated: [devices, ...] per metric
+  means = jax.tree.map(lambda *xs: np.mean(np.stack(xs)[:, 0], axis=0), *history)
+  if not np.isfinite(means["loss"]):
+    raise NonFiniteLossError(
+        f"Stage {name!r}: non-finite loss {means['loss']} at step {step}; no "
+        "checkpoint was written after the last good one. Lower the learning rate "
+        "or check the inputs, then run again to resume from the last checkpoint.")
+  for key, value in means.items():
+    if np.ndim(value) == 0:
+      writer.add_scalar(f"{name}/{key}", float(value), step)
+    else:
+      for label, v in zip(axis_labels, value):
+        writer.add_scalar(f"{name}/{key}/{label}", float(v), step)
+  return means
+
+
+def fit(name: str, directory: Path, make_state: Callable[[], TrainState],
+        loss_fn: Callable, spec: Hashable, frozen, batch_fn: Callable[[int], dict],
+        schedule: Schedule, writer, axis_labels: Sequence[str] = ()) -> TrainState:
+  """Trains a stage to `schedule.num_steps` and returns its final (host) state.
+
+  Resumes from the latest checkpoint in `directory`; `batch_fn(step)` must be a pure
+  function of the step (sharded for the local devices), so a resumed run sees the
+  same batches as an uninterrupted one.
+  """
+  with _manager(directory) as manager:
+    start = manager.latest_step() or 0
+    state = _restore(manager, start, make_state) if start else jax.jit(make_state)()
+    if start == schedule.num_steps:
+      return state
+    step_fn = train_step(loss_fn, spec)
+    state = jax_utils.replicate(state)
+    frozen = jax_utils.replicate(frozen)
+    history = []
+    bar = tqdm.trange(start, schedule.num_steps, desc=name, initial=start,
+                      total=schedule.num_steps, leave=False)
+    for step in bar:
+      state, metrics = step_fn(state, frozen, batch_fn(step))
+      history.append(metrics)
+      done = step + 1
+      last = done == schedule.num_steps
+      if done % schedule.log_every == 0 or last:
+        means = _log(writer, name, done, history, axis_labels)
+        bar.set_postfix(loss=f"{means['loss']:.4f}")
+        history = []
+      if done % schedule.checkpoint_every == 0 or last:
+        manager.save(done, args=ocp.args.StandardSave(jax_utils.unreplicate(state)))
+    manager.wait_until_finished()
+    return jax_utils.unreplicate(state)

@@ -1,0 +1,40 @@
+"""The one data-parallel train step that every stage uses.
+
+A loss function has the signature
+  loss_fn(spec, params, batch_stats, frozen, batch) -> (loss, (metrics, new_batch_stats))
+where `spec` is a hashable description of the networks (static), `frozen` holds the
+networks that only give targets (teachers, components) and `batch` is this device's
+shard. The step is `jax.pmap`ped over all local devices with the axis name 'batch';
+gradients and metrics are averaged across devices with `lax.pmean`. Batch statistics
+need no averaging: every BatchNorm of a trained network normalises over the global
+batch (its axis_name is 'batch'), so they already agree on all devices.
+"""
+import functools
+from typing import Callable, Hashable
+
+import jax
+import optax
+
+from kamal_jax.train.state import TrainState
+
+AXIS = "batch"
+
+
+def _step(loss_fn: Callable, spec: Hashable, state: TrainState, frozen, batch):
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, spec), has_aux=True)
+  (loss, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats,
+                                                  frozen, batch)
+  grads, metrics = jax.lax.pmean((grads, dict(metrics, loss=loss)), AXIS)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
+
+
+@functools.cache
+def train_step(loss_fn: Callable, spec: Hashable) -> Callable:
+  """pmapped `(state, frozen, batch) -> (state, metrics)`; the state is donated.
+
+  Cached on (loss_fn, spec), so every group of a stage reuses one compiled program
+  when their shapes agree.
+  """
+  return jax.pmap(functools.partial(_step, loss_fn, spec), axis_name=AXIS,
+                  donate_argnums=(0,))
