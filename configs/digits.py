@@ -37,7 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       t3=("3", "4", "5", "8"), t4=("3", "4", "5", "9")))
 
   c.models = ml_collections.ConfigDict(dict(
-      teacher="resnet10_digits",  # components share the teachers' architecture
+      # Components share the teachers' architecture; the student is wider than one
+      # teacher and smaller than the components together.
+      teacher="resnet10_digits", teacher_width_scale=1.0,
       student="resnet10_digits", student_width_scale=1.125))
 
   c.teacher_training = ml_collections.ConfigDict(dict(

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from tensorboardX import SummaryWriter
 
-from kamal_jax import amalgamate, data, evaluate, models, report, tasks, teachers, train
+from kamal_jax import ambiguity, amalgamate, data, evaluate, models, report, tasks, teachers, train
 
 STAGES = ("teachers", "stage1", "stage2", "evaluate")
 
@@ -68,6 +68,12 @@ def _images(run: Run, indices: np.ndarray, stream: str, batch_size: int):
       data.batch_indices(len(indices), batch_size, run.config.seed, stream, step)]]})
 
 
+def _teacher_arch(run: Run, num_outputs: int):
+  """The teachers' architecture, which the components share."""
+  models_cfg = run.config.models
+  return models.create(models_cfg.teacher, num_outputs, models_cfg.teacher_width_scale)
+
+
 def _variables(state: train.TrainState) -> dict:
   return {"params": state.params["net"], "batch_stats": state.batch_stats}
 
@@ -78,7 +84,7 @@ def train_teachers(run: Run) -> teachers.TeacherStack:
   cfg = run.config.teacher_training
   spaces = run.plan.label_spaces
   names = tuple(spaces)
-  module = models.create(run.config.models.teacher, spaces[names[0]].num_outputs)
+  module = _teacher_arch(run, spaces[names[0]].num_outputs)
   x = run.dataset.images[:1]
   class_names = np.array(run.dataset.class_names)
   members, local_labels = [], []
@@ -122,7 +128,7 @@ def amalgamate_group(run: Run, pool_teachers: teachers.TeacherStack,
   """Stage 1 for one group: its teachers' knowledge of the part into a component."""
   cfg = run.config.stage1
   spec = amalgamate.Stage1(
-      component=models.create(run.config.models.teacher, len(group.part.classes)),
+      component=_teacher_arch(run, len(group.part.classes)),
       teacher=pool_teachers.module, bridge_widths=tuple(cfg.bridge_widths),
       ambiguity=cfg.ambiguity, weight_norm=cfg.weight_norm)
   stack = teachers.take(pool_teachers.variables,
@@ -149,7 +155,7 @@ def amalgamate_components(run: Run, components: list[dict]) -> tuple[dict, amalg
   """Stage 2: the components into one multi-head student."""
   cfg = run.config.stage2
   plan = run.plan
-  component = models.create(run.config.models.teacher, plan.head_sizes[0])
+  component = _teacher_arch(run, plan.head_sizes[0])
   spec = amalgamate.Stage2(
       student=models.create(run.config.models.student, sum(plan.head_sizes),
                             run.config.models.student_width_scale),
@@ -196,7 +202,34 @@ def evaluate_all(run: Run, pool_teachers, components, student, spec) -> dict:
   return result
 
 
+def validate(config: ml_collections.ConfigDict):
+  """Checks what can be checked before any data is read, naming the fix."""
+  devices = jax.local_device_count()
+  for stage in ("teacher_training", "stage1", "stage2"):
+    if config[stage].batch_size % devices:
+      raise ValueError(f"{stage}.batch_size={config[stage].batch_size} does not split over "
+                       f"{devices} devices: use a multiple of {devices}.")
+  if config.data.pool not in ("all", "reference"):
+    raise ValueError(f"data.pool={config.data.pool!r}: use 'all' or 'reference'.")
+  ambiguity.get(config.stage1.ambiguity)
+  for arch in (config.models.teacher, config.models.student):
+    models.create(arch, 1)
+
+
+def _check_stackable(plan: tasks.AmalgamationPlan):
+  """Teachers train and run as one stack, and so do the components: for now that
+  needs equal label-space sizes and equal part sizes."""
+  sizes = {name: space.num_outputs for name, space in plan.label_spaces.items()}
+  if len(set(sizes.values())) > 1:
+    raise ValueError(f"Teachers have label sets of different sizes {sizes}; one stack "
+                     "needs one size: give every teacher as many classes.")
+  if len(set(plan.head_sizes)) > 1:
+    raise ValueError(f"Target parts have different sizes {plan.head_sizes}; the "
+                     "components form one stack: give every part as many classes.")
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> Run:
+  validate(config)
   dataset = data.load(config.data.name, config.data.data_dir)
   spaces = {name: tasks.label_space(spec, name) for name, spec in config.teachers.items()}
   unknown = sorted({c for s in spaces.values() for c in s.classes} - set(dataset.class_names))
@@ -204,6 +237,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> R
     raise ValueError(f"Teacher classes {unknown} are not classes of dataset "
                      f"{config.data.name!r} {list(dataset.class_names)}: fix the teachers' label sets.")
   plan = tasks.make_plan(config.target.parts, spaces)
+  _check_stackable(plan)
   train_indices, test_indices = data.stratified_split(
       dataset.labels, config.data.test_fraction, config.seed)
   writer = SummaryWriter(str(workdir / "tensorboard"))

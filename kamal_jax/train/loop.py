@@ -15,7 +15,7 @@ import tqdm
 from flax import jax_utils
 
 from kamal_jax.train.state import TrainState
-from kamal_jax.train.step import train_step
+from kamal_jax.train.step import train_step, unreplicate
 
 
 class NonFiniteLossError(RuntimeError):
@@ -112,6 +112,6 @@ def fit(name: str, directory: Path, make_state: Callable[[], TrainState],
         bar.set_postfix(loss=f"{means['loss']:.4f}")
         history = []
       if done % schedule.checkpoint_every == 0 or last:
-        manager.save(done, args=ocp.args.StandardSave(jax_utils.unreplicate(state)))
+        manager.save(done, args=ocp.args.StandardSave(unreplicate(state)))
     manager.wait_until_finished()
-    return jax_utils.unreplicate(state)
+    return unreplicate(state)

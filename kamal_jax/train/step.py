@@ -25,16 +25,29 @@ def _step(loss_fn: Callable, spec: Hashable, state: TrainState, frozen, batch):
   (loss, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats,
                                                   frozen, batch)
   grads, metrics = jax.lax.pmean((grads, dict(metrics, loss=loss)), AXIS)
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
 
 @functools.cache
-def train_step(loss_fn: Callable, spec: Hashable) -> Callable:
-  """pmapped `(state, frozen, batch) -> (state, metrics)`; the state is donated.
+def train_step(loss_fn: Callable, spec: Hashable, devices: tuple | None = None) -> Callable:
+  """pmapped `(state, frozen, batch) -> (state, metrics)` over `devices` (default:
+  all local devices); the state is donated.
 
-  Cached on (loss_fn, spec), so every group of a stage reuses one compiled program
+  Cached on its arguments, so every group of a stage reuses one compiled program
   when their shapes agree.
   """
   return jax.pmap(functools.partial(_step, loss_fn, spec), axis_name=AXIS,
-                  donate_argnums=(0,))
+                  devices=devices, donate_argnums=(0,))
+
+
+def unreplicate(tree):
+  """One device's copy of a pmapped tree ([devices, ...] -> [...]).
+
+  Reads the first addressable shard, so it also works where other processes hold
+  the other devices (flax.jax_utils.unreplicate returns the whole [1, ...] array
+  when pmapped over a single device among several).
+  """
+  def first(x):
+    return x.addressable_shards[0].data[0] if isinstance(x, jax.Array) else x[0]
+  return jax.tree.map(first, tree)

@@ -1,0 +1,31 @@
+"""Eight simulated CPU devices for every test, and a shared compilation cache.
+
+XLA reads the device count once, when jax first starts, so this runs before any
+test module imports jax.
+"""
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"])
+os.environ.setdefault("KAMAL_JAX_TEST_CACHE",
+                      os.path.expanduser("~/.cache/kamal_jax/jax-tests"))
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ["KAMAL_JAX_TEST_CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """One tfds data directory for the session (the digits files are built once)."""
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+
+@pytest.fixture(scope="session")
+def tiny(data_dir):
+  """The shrunk digits default (tests/tiny_config.py)."""
+  import tiny_config
+  return tiny_config.get_config(data_dir)

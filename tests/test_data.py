@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+
+from kamal_jax import data
+
+
+def test_digits_are_read_through_tfds(data_dir):
+  digits = data.load("digits", data_dir)
+  assert digits.images.shape == (1797, 8, 8, 1)
+  assert digits.images.dtype == np.float32
+  assert 0.0 <= digits.images.min() and digits.images.max() <= 1.0
+  assert digits.class_names == tuple("0123456789")
+  from sklearn.datasets import load_digits
+  reference = load_digits()  # same order, same values: the 'id' feature restores it
+  np.testing.assert_array_equal(digits.labels, reference.target)
+  np.testing.assert_allclose(digits.images[..., 0], reference.images / 16.0)
+
+
+def test_unknown_dataset_names_the_choices():
+  with pytest.raises(ValueError, match="Unknown dataset 'mnist2'.*digits"):
+    data.load("mnist2")
+
+
+def test_stratified_split_is_seeded_disjoint_and_keeps_class_shares():
+  labels = np.repeat(np.arange(5), [50, 40, 30, 20, 10])
+  train, test = data.stratified_split(labels, 0.2, seed=3)
+  assert len(np.intersect1d(train, test)) == 0
+  assert len(train) + len(test) == len(labels)
+  np.testing.assert_array_equal(np.bincount(labels[test]), [10, 8, 6, 4, 2])
+  again = data.stratified_split(labels, 0.2, seed=3)
+  np.testing.assert_array_equal(test, again[1])
+  other = data.stratified_split(labels, 0.2, seed=4)
+  assert not np.array_equal(test, other[1])
+
+
+def test_batch_stream_is_a_pure_function_of_the_step():
+  batches = [data.batch_indices(10, 4, 0, "s", step) for step in range(4)]
+  # 10 items in batches of 4: two batches per epoch, each epoch a fresh permutation.
+  epoch0 = np.concatenate(batches[:2])
+  assert len(set(epoch0)) == 8
+  assert not np.array_equal(batches[:2], batches[2:])
+  np.testing.assert_array_equal(data.batch_indices(10, 4, 0, "s", 3), batches[3])
+  assert not np.array_equal(data.batch_indices(10, 4, 0, "other", 0), batches[0])
+
+
+def test_batch_stream_needs_one_full_batch():
+  with pytest.raises(ValueError, match="fewer than one batch"):
+    data.batch_indices(3, 4, 0, "s", 0)
+
+
+def test_shard_splits_the_leading_axis_or_names_the_fix():
+  assert data.shard(np.zeros((16, 3)), 8).shape == (8, 2, 3)
+  with pytest.raises(ValueError, match="divisible by 8"):
+    data.shard(np.zeros((12, 3)), 8)

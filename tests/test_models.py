@@ -1,0 +1,64 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kamal_jax import models
+
+
+def _shapes(module, image_shape):
+  x = jnp.zeros((2,) + image_shape)
+  variables = jax.eval_shape(lambda: module.init(jax.random.key(0), x))
+  outputs = jax.eval_shape(lambda v: module.apply(v, x), variables)
+  return outputs.logits.shape, [f.shape for f in outputs.feats]
+
+
+def test_digits_resnet_taps_stem_and_every_stage():
+  logits, feats = _shapes(models.create("resnet10_digits", 4), (8, 8, 1))
+  assert logits == (2, 4)
+  assert feats == [(2, 8, 8, 16), (2, 8, 8, 16), (2, 4, 4, 32), (2, 2, 2, 64),
+                   (2, 1, 1, 128)]
+
+
+def test_resnet18_taps_at_imagenet_resolution():
+  logits, feats = _shapes(models.create("resnet18", 10), (224, 224, 3))
+  assert logits == (2, 10)
+  assert feats == [(2, 112, 112, 64), (2, 56, 56, 64), (2, 28, 28, 128),
+                   (2, 14, 14, 256), (2, 7, 7, 512)]
+
+
+def test_width_scale_widens_every_layer():
+  module = models.create("resnet10_digits", 6, width_scale=1.125)
+  assert module.widths == (18, 18, 36, 72, 144)
+
+
+def test_unknown_model_names_the_choices():
+  with pytest.raises(ValueError, match="resnet10_digits.*resnet18"):
+    models.create("vgg16", 10)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  module = models.create("resnet10_digits", 3, width_scale=0.25)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 1)), jnp.float32)
+  variables = jax.jit(lambda: module.init(jax.random.key(0, impl="rbg"), x))()
+  # Random running statistics and BN scales, so that stage outputs are not trivial.
+  variables = jax.tree.map(
+      lambda v: v + 0.5 * jax.random.normal(jax.random.key(1), v.shape), variables)
+  return module, variables, x
+
+
+def test_stem_tap_is_the_raw_convolution(tiny):
+  module, variables, x = tiny
+  outputs = module.apply(variables, x)
+  kernel = variables["params"]["stem_conv"]["kernel"]
+  expected = jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(outputs.feats[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_stage_taps_are_taken_before_the_final_relu(tiny):
+  module, variables, x = tiny
+  outputs = module.apply(variables, x)
+  for tap in outputs.feats[1:]:
+    assert float(jnp.min(tap)) < 0.0  # a post-ReLU tap could not be negative

@@ -1,0 +1,111 @@
+"""The shrunk digits default end to end: report, checkpoints, resume, determinism, CLI."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kamal_jax import pipeline, train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _numbers(result: dict) -> dict:
+  return {k: v for k, v in result.items() if k != "timings"}
+
+
+@pytest.fixture(scope="module")
+def finished(tiny, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  return workdir, pipeline.train_and_evaluate(tiny, str(workdir))
+
+
+def test_report_has_the_documented_keys(finished):
+  workdir, result = finished
+  on_disk = json.loads((workdir / "report.json").read_text())
+  assert on_disk == json.loads(json.dumps(result))
+  assert [t["name"] for t in on_disk["teachers"]] == ["t1", "t2", "t3", "t4"]
+  for teacher in on_disk["teachers"]:
+    assert {"name", "classes", "accuracy"} <= teacher.keys()
+    assert 0.0 <= teacher["accuracy"] <= 1.0
+  assert [c["teachers"] for c in on_disk["components"]] == [["t1", "t2"], ["t3", "t4"]]
+  for component in on_disk["components"]:
+    assert {"name", "classes", "teachers", "accuracy", "selected_fraction"} <= component.keys()
+    assert sum(component["selected_fraction"].values()) == pytest.approx(1.0)
+  student = on_disk["student"]
+  assert set(student["accuracy_per_part"]) == {"part1", "part2"}
+  assert 0.0 <= student["accuracy_joint"] <= 1.0
+  components_params = sum(c["params"] for c in on_disk["components"])
+  assert on_disk["teachers"][0]["params"] < student["params"] < components_params
+  assert set(on_disk["timings"]) >= {"teachers", "stage1", "stage2", "evaluate"}
+  assert "| part1 | 0 1 2 |" in (workdir / "report.md").read_text()
+  assert list((workdir / "tensorboard").iterdir())
+  assert json.loads((workdir / "config.json").read_text())["seed"] == 0
+
+
+def test_every_stage_checkpointed_its_last_step(finished):
+  workdir, _ = finished
+  for stage in ("teachers", "stage1_part1", "stage1_part2", "stage2"):
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints" / stage).iterdir())
+    assert steps[-1] == 6 and len(steps) == 2  # max_to_keep=2
+
+
+def test_rerun_restores_finished_stages(tiny, finished, monkeypatch):
+  workdir, result = finished
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("a finished stage was trained again")
+
+  monkeypatch.setattr(train.loop, "train_step", no_training)
+  again = pipeline.train_and_evaluate(tiny, str(workdir))
+  assert _numbers(again) == _numbers(result)
+
+
+def test_same_seed_gives_identical_numbers(tiny, finished, tmp_path):
+  _, result = finished
+  assert _numbers(pipeline.train_and_evaluate(tiny, str(tmp_path))) == _numbers(result)
+
+
+def test_amalgamation_never_sees_labels(tiny, tmp_path, monkeypatch):
+  seen = {}
+  fit = train.fit
+
+  def spy(name, directory, make_state, loss_fn, spec, frozen, batch_fn, *args, **kwargs):
+    seen[name] = sorted(batch_fn(0))
+    return fit(name, directory, make_state, loss_fn, spec, frozen, batch_fn, *args, **kwargs)
+
+  monkeypatch.setattr(train, "fit", spy)
+  tiny = tiny.copy_and_resolve_references()
+  tiny.data.pool = "reference"
+  result = pipeline.train_and_evaluate(tiny, str(tmp_path))
+  assert seen == {"teachers": ["image", "label"], "stage1_part1": ["image"],
+                  "stage1_part2": ["image"], "stage2": ["image"]}
+  assert result["components"][0]["selected_fraction"]
+
+
+def _cli(*args):
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  return subprocess.run(
+      [sys.executable, "-m", "kamal_jax.main",
+       f"--compilation_cache={os.environ['KAMAL_JAX_TEST_CACHE']}", *args],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_evaluates_a_finished_run(finished, data_dir):
+  workdir, result = finished
+  done = _cli(f"--config=tests/tiny_config.py:{data_dir}", f"--workdir={workdir}",
+              "--stage=evaluate")
+  assert done.returncode == 0, done.stderr
+  assert "student joint accuracy" in done.stdout
+  assert _numbers(json.loads((workdir / "report.json").read_text())) == \
+      _numbers(json.loads(json.dumps(result)))
+
+
+def test_cli_refuses_a_stage_whose_inputs_are_missing(data_dir, tmp_path):
+  done = _cli(f"--config=tests/tiny_config.py:{data_dir}", f"--workdir={tmp_path}",
+              "--stage=stage2")
+  assert done.returncode == 2
+  assert "Stage 'teachers' has not finished" in done.stderr
+  assert "Traceback" not in done.stderr

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+
+from kamal_jax import tasks
+from configs import digits
+
+DIGIT_TEACHERS = dict(digits.get_config().teachers)
+DIGIT_PARTS = dict(digits.get_config().target.parts)
+
+
+def _spaces(specs):
+  return {name: tasks.label_space(spec, name) for name, spec in specs.items()}
+
+
+def test_digits_grouping_is_found_from_label_sets():
+  plan = tasks.make_plan(DIGIT_PARTS, _spaces(DIGIT_TEACHERS))
+  assert [g.part.name for g in plan.groups] == ["part1", "part2"]
+  assert [g.teachers for g in plan.groups] == [("t1", "t2"), ("t3", "t4")]
+  for group in plan.groups:  # each teacher lists its main part first: positions 0..2
+    np.testing.assert_array_equal(group.index, [[0, 1, 2], [0, 1, 2]])
+  assert plan.head_sizes == (3, 3)
+  assert plan.target_classes == ("0", "1", "2", "3", "4", "5")
+
+
+def test_index_maps_follow_each_teachers_own_order():
+  teachers = {"a": ["7", "2", "1", "0"], "b": ["1", "9", "0", "2"], "c": ["5", "6"]}
+  plan = tasks.make_plan({"p": ["0", "1", "2"]}, _spaces(teachers))
+  (group,) = plan.groups
+  assert group.teachers == ("a", "b")  # c covers nothing of the part
+  np.testing.assert_array_equal(group.index, [[3, 2, 1], [2, 0, 3]])
+
+
+def test_attribute_heads_use_the_same_path():
+  hair = tasks.attribute_head("Black_Hair")
+  space_1 = tasks.LabelSpace((tasks.attribute_head("Attractive"), hair))
+  space_2 = tasks.LabelSpace((hair, tasks.attribute_head("Blurry"),
+                              tasks.attribute_head("Big_Lips")))
+  plan = tasks.make_plan({"Black_Hair": hair.classes}, {"s1": space_1, "s2": space_2})
+  (group,) = plan.groups
+  assert group.teachers == ("s1", "s2")
+  np.testing.assert_array_equal(group.index, [[2, 3], [0, 1]])
+
+
+def test_mapping_spec_gives_one_head_per_entry():
+  space = tasks.label_space({"hair": ["h0", "h1"], "eyes": ["e0", "e1", "e2"]}, "t")
+  assert [h.name for h in space.heads] == ["hair", "eyes"]
+  assert space.num_outputs == 5
+  assert space.positions(["e1", "e0"]).tolist() == [3, 2]
+  assert space.positions(["h0", "e0"]) is None  # a part must sit in one head
+
+
+def test_uncovered_target_classes_are_named():
+  with pytest.raises(ValueError, match=r"\['8'\] are covered by no teacher"):
+    tasks.make_plan({"p": ["0", "8"]}, _spaces({"t": ["0", "1"]}))
+
+
+def test_part_no_single_teacher_covers_is_an_empty_group():
+  with pytest.raises(ValueError, match="group is empty"):
+    tasks.make_plan({"p": ["0", "1"]}, _spaces({"a": ["0", "5"], "b": ["1", "5"]}))
+
+
+@pytest.mark.parametrize("parts, teachers, message", [
+    ({"p": ["0", "0"]}, {"t": ["0"]}, "Duplicate names \\['0'\\] in the target"),
+    ({"p": ["0"], "q": ["0"]}, {"t": ["0"]}, "Duplicate names \\['0'\\] in the target"),
+    ({"p": ["0"]}, {"t": ["0", "1", "0"]}, "Duplicate names \\['0'\\] in the label set of 't'"),
+    ({"p": []}, {"t": ["0"]}, "part 'p' is empty"),
+    ({}, {"t": ["0"]}, "no parts"),
+])
+def test_bad_targets_and_label_sets_are_refused(parts, teachers, message):
+  with pytest.raises(ValueError, match=message):
+    tasks.make_plan(parts, _spaces(teachers))
+
+
+def test_label_set_must_be_a_list_or_mapping():
+  with pytest.raises(ValueError, match="list of class names"):
+    tasks.label_space("0123", "t")

@@ -1,0 +1,120 @@
+"""The shared loop: exact resume, refusal to checkpoint non-finite losses, optimizers."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from tensorboardX import SummaryWriter
+
+from kamal_jax import models, teachers, train
+
+K, BATCH = 4, 16  # the shapes of the shrunk pipeline's teacher stage
+
+
+@pytest.fixture(scope="module")
+def setup(tiny):
+  module = models.create(tiny.models.teacher, 4, tiny.models.teacher_width_scale)
+  rng = np.random.default_rng(0)
+  images = rng.uniform(size=(64, 8, 8, 1)).astype(np.float32)
+  labels = rng.integers(0, 4, size=64).astype(np.int32)
+  devices = jax.local_device_count()
+
+  def batch_fn(step):
+    picks = np.stack([(np.arange(BATCH) + 16 * ((step + k) % 4)) for k in range(K)])  # [K, B]
+    batch = {"image": images[picks], "label": labels[picks]}  # [K, B, ...]
+    return {k: np.moveaxis(v.reshape((K, devices, -1) + v.shape[2:]), 1, 0)
+            for k, v in batch.items()}
+
+  def make_state():
+    keys = jax.random.split(jax.random.key(0, impl="rbg"), K)
+    variables = jax.vmap(lambda k: module.init(k, images[:1], train=False))(keys)
+    return train.create_state({"params": {"net": variables["params"]},
+                               "batch_stats": variables["batch_stats"]},
+                              tiny.teacher_training.optimizer, 6)
+
+  return module, batch_fn, make_state
+
+
+def _fit(setup, directory, batch_fn=None, steps=6):
+  module, default_batch_fn, make_state = setup
+  with SummaryWriter(str(directory / "tb")) as writer:
+    return train.fit("teachers", directory / "ckpt", make_state, teachers.supervised_loss,
+                     module, None, batch_fn or default_batch_fn,
+                     train.Schedule(steps, log_every=1, checkpoint_every=2), writer)
+
+
+def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(setup, tmp_path):
+  whole = _fit(setup, tmp_path / "whole")
+  _, batch_fn, _ = setup
+
+  def killed_at_3(step):
+    if step == 3:
+      raise KeyboardInterrupt  # stands in for a kill after the step-2 checkpoint
+    return batch_fn(step)
+
+  with pytest.raises(KeyboardInterrupt):
+    _fit(setup, tmp_path / "resumed", killed_at_3)
+  assert sorted(p.name for p in (tmp_path / "resumed" / "ckpt").iterdir()) == ["2"]
+  resumed = _fit(setup, tmp_path / "resumed")
+  assert int(resumed.step) == int(whole.step) == 6
+  for a, b in zip(jax.tree.leaves((whole.params, whole.batch_stats, whole.opt_state)),
+                  jax.tree.leaves((resumed.params, resumed.batch_stats, resumed.opt_state))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_finished_stage_is_restored_not_retrained(setup, tmp_path):
+  _, _, make_state = setup
+  assert train.restore_finished(tmp_path / "ckpt", make_state, 6) is None
+  trained = _fit(setup, tmp_path)
+
+  def no_more_steps(step):
+    raise AssertionError(f"step {step} ran again")
+
+  again = _fit(setup, tmp_path, no_more_steps)
+  restored = train.restore_finished(tmp_path / "ckpt", make_state, 6)
+  for a, b, c in zip(jax.tree.leaves(trained.params), jax.tree.leaves(again.params),
+                     jax.tree.leaves(restored.params)):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+
+
+def test_non_finite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(setup, tmp_path):
+  _, batch_fn, _ = setup
+
+  def nan_from_3(step):
+    batch = batch_fn(step)
+    if step >= 3:
+      batch["image"] = np.full_like(batch["image"], np.nan)
+    return batch
+
+  with pytest.raises(train.NonFiniteLossError, match="'teachers'.*step 4"):
+    _fit(setup, tmp_path, nan_from_3)
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2"]
+
+
+def test_checkpoints_must_follow_a_finiteness_check():
+  with pytest.raises(ValueError, match="multiple of log_every"):
+    train.Schedule(10, log_every=4, checkpoint_every=6)
+
+
+def test_bridges_and_network_learn_at_their_own_rates():
+  cfg = ml_collections.ConfigDict(dict(
+      name="sgd", learning_rate=0.1, bridge_learning_rate=0.01, momentum=0.0,
+      weight_decay=0.0, decay_at=(0.5,), decay_factor=0.5))
+  params = {"net": jnp.ones(3), "net_bridges": jnp.ones(2), "logit_scale": jnp.ones(1)}
+  tx = train.make_optimizer(cfg, num_steps=10, params=params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  state = tx.init(params)
+  for step, (net_lr, bridge_lr) in enumerate([(0.1, 0.01)] * 5 + [(0.05, 0.005)]):
+    updates, state = tx.update(grads, state, params)
+    np.testing.assert_allclose(updates["net"], -net_lr, rtol=1e-6, err_msg=str(step))
+    np.testing.assert_allclose(updates["net_bridges"], -bridge_lr, rtol=1e-6)
+    np.testing.assert_allclose(updates["logit_scale"], -bridge_lr, rtol=1e-6)
+
+
+def test_unknown_optimizer_names_the_choices():
+  cfg = ml_collections.ConfigDict(dict(name="lamb", learning_rate=0.1, decay_at=(),
+                                       decay_factor=0.5))
+  with pytest.raises(ValueError, match="'adam' or 'sgd'"):
+    train.make_optimizer(cfg, 10, {"net": jnp.ones(1)})
