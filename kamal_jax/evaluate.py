@@ -8,11 +8,10 @@ import functools
 import flax.linen as nn
 import jax
 import numpy as np
-from flax import jax_utils
 
 from kamal_jax import ambiguity, tasks
 from kamal_jax.teachers import stacked_apply
-from kamal_jax.train.step import AXIS
+from kamal_jax.train.step import AXIS, replicate
 
 
 def _logits(module: nn.Module, stacked: bool, variables, x):
@@ -35,7 +34,7 @@ def predict(module: nn.Module, variables, images: np.ndarray, batch_size: int,
     raise ValueError(f"Evaluation batch size {batch_size} does not split over "
                      f"{devices} devices: use a multiple of {devices}.")
   predictor = _predictor(module, stacked)
-  variables = jax_utils.replicate(variables)
+  variables = replicate(variables)
   count = len(images)
   padded = np.concatenate(
       [images, np.zeros((-count % batch_size,) + images.shape[1:], images.dtype)])

@@ -40,7 +40,8 @@ def markdown(result: dict) -> str:
         ", ".join(f"{t} {f:.3f}" for t, f in c["selected_fraction"].items()),
         c["selected_teacher_accuracy"], c["accuracy"], c["params"]]
        for c in result["components"]])
-  timings = _table(["stage", "seconds"], [[k, v] for k, v in result["timings"].items()])
+  timings = _table(["stage", "seconds"],
+                   [[k, f"{v:.1f}"] for k, v in result["timings"].items()])
   return "\n\n".join([
       "# kamal_jax report", "## Summary", summary(result),
       "Accuracies are on the held-out test split; each network is scored on the test "

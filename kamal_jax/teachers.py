@@ -62,16 +62,20 @@ def take(stack_variables, indices) -> Any:
   return jax.tree.map(lambda leaf: leaf[jnp.asarray(indices)], stack_variables)
 
 
-def map_stacked(fn: Callable, *stacked) -> Any:
-  """`fn` over the K slices of stacked arguments (every leaf [K, ...]); outputs are
-  stacked back to [K, ...].
+def map_stacked(fn: Callable, *stacked, vectorize: bool | None = None) -> Any:
+  """`fn` over the K slices of stacked arguments (every leaf [K, ...]), outputs
+  stacked back to [K, ...]: `jax.vmap(fn)` in meaning, whichever way it runs.
 
-  This is `jax.vmap(fn)` in meaning, but unrolled when traced: XLA:CPU lowers a
-  vmapped convolution over stacked weights to a grouped convolution, and a training
-  step of K=2 and K=4 stacked digits nets measured 4x and 7x slower that way than
-  with K plain convolutions (`lax.map`'s loop was slower still). The unrolled
-  program is still one program per stage, compiled once.
+  vectorize=None picks by backend, as measured (benchmarks/stack_strategy.py,
+  RESULTS.md): on GPU, `jax.vmap` ran a K=4 ResNet-18 training step in 0.75x the
+  time of K separate calls; on CPU, XLA lowers vmapped convolutions over stacked
+  weights to grouped ones, whose training steps ran 4-8x slower, so there the K
+  calls are unrolled at trace time. Either way it is one program, compiled once.
   """
+  if vectorize is None:
+    vectorize = jax.default_backend() != "cpu"
+  if vectorize:
+    return jax.vmap(fn)(*stacked)
   count = jax.tree.leaves(stacked)[0].shape[0]
   outputs = [fn(*jax.tree.map(lambda leaf: leaf[k], stacked)) for k in range(count)]
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)

@@ -4,10 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import jax_utils
 
 from kamal_jax import amalgamate, models, teachers, train
-from kamal_jax.train import unreplicate
+from kamal_jax.train import replicate, unreplicate
 
 BATCH = 16
 IMAGES = np.random.default_rng(0).uniform(size=(BATCH, 8, 8, 1)).astype(np.float32)
@@ -42,7 +41,7 @@ def _stage1(tiny, confidences):
 def _run(step, state, frozen, images, devices):
   """One step on `devices` with the global batch split over them."""
   batch = {"image": images.reshape((len(devices), -1) + images.shape[1:])}
-  new, metrics = step(jax_utils.replicate(state, devices), jax_utils.replicate(frozen, devices),
+  new, metrics = step(replicate(state, devices), replicate(frozen, devices),
                       batch)
   return jax.device_get(unreplicate(new)), jax.device_get(unreplicate(metrics))
 
@@ -106,7 +105,7 @@ def test_stage1_loss_is_the_masked_sum_of_feature_and_logit_terms(stage1):
   spec, frozen, state = stage1
   loss_fn = jax.pmap(lambda p, s, f, b: amalgamate.stage1_loss(spec, p, s, f, b),
                      axis_name=train.AXIS, devices=jax.local_devices()[:1])
-  replicated = [jax_utils.replicate(t, jax.local_devices()[:1])
+  replicated = [replicate(t, jax.local_devices()[:1])
                 for t in (state.params, state.batch_stats, frozen)]
   loss, (metrics, _) = jax.device_get(loss_fn(*replicated, {"image": IMAGES[None]}))
   np.testing.assert_allclose(

@@ -62,3 +62,35 @@ def test_stage_taps_are_taken_before_the_final_relu(tiny):
   outputs = module.apply(variables, x)
   for tap in outputs.feats[1:]:
     assert float(jnp.min(tap)) < 0.0  # a post-ReLU tap could not be negative
+
+
+def test_teachers_of_one_architecture_stack_along_a_new_axis():
+  from kamal_jax import tasks, teachers
+  module = models.create("resnet10_digits", 4, width_scale=0.25)
+  x = jnp.zeros((1, 8, 8, 1))
+  variables = jax.eval_shape(lambda: module.init(jax.random.key(0), x))
+  variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables)
+  space = tasks.label_space(["0", "1", "2", "3"], "t")
+  stack = teachers.stack([teachers.Teacher(n, module, variables, space) for n in "ab"])
+  assert stack.names == ("a", "b")
+  assert stack.variables["params"]["head"]["kernel"].shape == (2, 32, 4)
+  other = models.create("resnet10_digits", 4, width_scale=0.5)
+  with pytest.raises(ValueError, match="different architectures"):
+    teachers.stack([teachers.Teacher("a", module, variables, space),
+                    teachers.Teacher("b", other, variables, space)])
+
+
+def test_stacked_networks_give_the_same_outputs_unrolled_or_vmapped():
+  from kamal_jax import teachers
+  module = models.create("resnet10_digits", 4, width_scale=0.25)
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 8, 8, 1)), jnp.float32)
+  keys = jax.random.split(jax.random.key(0, impl="rbg"), 3)
+  variables = jax.jit(jax.vmap(lambda k: module.init(k, x[:1])))(keys)
+  apply = lambda v: module.apply(v, x)
+  unrolled = jax.jit(lambda v: teachers.map_stacked(apply, v, vectorize=False))(variables)
+  vmapped = jax.jit(lambda v: teachers.map_stacked(apply, v, vectorize=True))(variables)
+  assert unrolled.logits.shape == (3, 4, 4)
+  for a, b in zip(jax.tree.leaves(unrolled), jax.tree.leaves(vmapped)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(unrolled.logits[1], module.apply(
+      jax.tree.map(lambda leaf: leaf[1], variables), x).logits, rtol=1e-5, atol=1e-5)

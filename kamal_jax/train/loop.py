@@ -12,10 +12,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
-from flax import jax_utils
 
 from kamal_jax.train.state import TrainState
-from kamal_jax.train.step import train_step, unreplicate
+from kamal_jax.train.step import replicate, train_step, unreplicate
 
 
 class NonFiniteLossError(RuntimeError):
@@ -97,8 +96,8 @@ def fit(name: str, directory: Path, make_state: Callable[[], TrainState],
     if start == schedule.num_steps:
       return state
     step_fn = train_step(loss_fn, spec)
-    state = jax_utils.replicate(state)
-    frozen = jax_utils.replicate(frozen)
+    state = replicate(state)
+    frozen = replicate(frozen)
     history = []
     bar = tqdm.trange(start, schedule.num_steps, desc=name, initial=start,
                       total=schedule.num_steps, leave=False)

@@ -1,4 +1,6 @@
 """TrainState and optimizers with one learning rate per parameter group."""
+import functools
+import json
 from typing import Any
 
 import jax
@@ -38,12 +40,21 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int,
                    params: dict) -> optax.GradientTransformation:
   """optax.multi_transform over the top-level collections of `params`: the network
   at `cfg.learning_rate`, the rest at `cfg.bridge_learning_rate`."""
+  labels = tuple((name, param_group(name)) for name in params)
+  return _cached_optimizer(cfg.to_json(sort_keys=True), num_steps, labels)
+
+
+@functools.cache
+def _cached_optimizer(cfg_json: str, num_steps: int, labels: tuple):
+  """One optax object per setting. A TrainState carries its optimizer as static
+  pytree data, so states built with equal settings must share the object to share
+  a pytree structure, and so a compiled step (one per stage, not one per group)."""
+  cfg = ml_collections.ConfigDict(json.loads(cfg_json))
   rates = {"net": cfg.learning_rate, "bridges": cfg.get("bridge_learning_rate",
                                                        cfg.learning_rate)}
-  labels = {name: param_group(name) for name in params}
   transforms = {group: _optimizer(cfg, _schedule(cfg, rates[group], num_steps))
-                for group in set(labels.values())}
-  return optax.multi_transform(transforms, labels)
+                for group in {group for _, group in labels}}
+  return optax.multi_transform(transforms, dict(labels))
 
 
 def create_state(variables: dict, cfg: ml_collections.ConfigDict,

@@ -14,6 +14,7 @@ from typing import Callable, Hashable
 
 import jax
 import optax
+from flax import jax_utils
 
 from kamal_jax.train.state import TrainState
 
@@ -39,6 +40,14 @@ def train_step(loss_fn: Callable, spec: Hashable, devices: tuple | None = None) 
   """
   return jax.pmap(functools.partial(_step, loss_fn, spec), axis_name=AXIS,
                   devices=devices, donate_argnums=(0,))
+
+
+def replicate(tree, devices=None):
+  """A copy of `tree` on each device ([...] -> [devices, ...]), laid out as the
+  step's own outputs are: named after the step's axis, so the second call of a step
+  (on its outputs) hits the program compiled for the first (with any other layout,
+  jax.pmap compiles the step a second time)."""
+  return jax_utils.replicate(tree, devices, axis_name=AXIS)
 
 
 def unreplicate(tree):
