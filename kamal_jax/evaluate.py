@@ -47,7 +47,7 @@ def predict(module: nn.Module, variables, images: np.ndarray, batch_size: int,
   return logits.transpose(1, 0, 2) if stacked else logits
 
 
-def part_labels(labels: np.ndarray, class_names, part: tasks.Part):
+def part_labels(labels: np.ndarray, class_names, part: tasks.Head):
   """(mask of the samples whose class is in the part, their position in the part)."""
   names = np.array(class_names)[labels]
   inside = np.isin(names, part.classes)

@@ -70,8 +70,8 @@ def _images(run: Run, indices: np.ndarray, stream: str, batch_size: int):
 
 def _teacher_arch(run: Run, num_outputs: int):
   """The teachers' architecture, which the components share."""
-  models_cfg = run.config.models
-  return models.create(models_cfg.teacher, num_outputs, models_cfg.teacher_width_scale)
+  cfg = run.config.models
+  return models.create(cfg.teacher, num_outputs, cfg.teacher_width_scale, cfg.dtype)
 
 
 def _variables(state: train.TrainState) -> dict:
@@ -158,7 +158,7 @@ def amalgamate_components(run: Run, components: list[dict]) -> tuple[dict, amalg
   component = _teacher_arch(run, plan.head_sizes[0])
   spec = amalgamate.Stage2(
       student=models.create(run.config.models.student, sum(plan.head_sizes),
-                            run.config.models.student_width_scale),
+                            run.config.models.student_width_scale, run.config.models.dtype),
       component=component, component_widths=tuple(component.widths))
   frozen = {"components": teachers.stack_variables(components)}
   x = run.dataset.images[:1]
@@ -213,7 +213,7 @@ def validate(config: ml_collections.ConfigDict):
     raise ValueError(f"data.pool={config.data.pool!r}: use 'all' or 'reference'.")
   ambiguity.get(config.stage1.ambiguity)
   for arch in (config.models.teacher, config.models.student):
-    models.create(arch, 1)
+    models.create(arch, 1, dtype=config.models.dtype)
 
 
 def _check_stackable(plan: tasks.AmalgamationPlan):
@@ -263,7 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return out
 
   last = max(STAGES.index(s) for s in stages)
-  run = timed("prepare", prepare, config, workdir, stages)
+  run = prepare(config, workdir, stages)
   try:
     pool_teachers = timed("teachers", train_teachers, run)
     if last < STAGES.index("stage1"):

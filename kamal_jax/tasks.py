@@ -19,6 +19,8 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Head:
+  """Named classes that one softmax ranks: a head of a teacher, or a target part
+  (which becomes one head of the student)."""
   name: str
   classes: tuple[str, ...]
 
@@ -69,15 +71,9 @@ def label_space(spec, owner: str) -> LabelSpace:
 
 
 @dataclasses.dataclass(frozen=True)
-class Part:
-  name: str
-  classes: tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
 class Group:
   """The teachers that share one part, and where the part sits in their logits."""
-  part: Part
+  part: Head
   teachers: tuple[str, ...]
   index: np.ndarray  # [K, P] int32: logit positions of the part's classes per teacher
 
@@ -88,7 +84,7 @@ class AmalgamationPlan:
   label_spaces: Mapping[str, LabelSpace]  # every teacher in the pool, by name
 
   @property
-  def parts(self) -> tuple[Part, ...]:
+  def parts(self) -> tuple[Head, ...]:
     return tuple(g.part for g in self.groups)
 
   @property
@@ -131,7 +127,7 @@ def make_plan(parts: Mapping[str, Sequence[str]],
   """
   if not parts:
     raise ValueError("The target has no parts: name at least one part and its classes.")
-  parts = tuple(Part(str(name), tuple(str(c) for c in classes))
+  parts = tuple(Head(str(name), tuple(str(c) for c in classes))
                 for name, classes in parts.items())
   for part in parts:
     if not part.classes:

@@ -94,3 +94,14 @@ def test_stacked_networks_give_the_same_outputs_unrolled_or_vmapped():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(unrolled.logits[1], module.apply(
       jax.tree.map(lambda leaf: leaf[1], variables), x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs():
+  module = models.create("resnet10_digits", 4, width_scale=0.25, dtype="bfloat16")
+  x = jnp.zeros((2, 8, 8, 1))
+  variables = jax.eval_shape(lambda: module.init(jax.random.key(0), x))
+  assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype("float32")}
+  outputs = jax.eval_shape(lambda v: module.apply(v, x), variables)
+  assert {leaf.dtype for leaf in jax.tree.leaves(outputs)} == {jnp.dtype("float32")}
+  with pytest.raises(ValueError, match="float32.*bfloat16"):
+    models.create("resnet10_digits", 4, dtype="float16")

@@ -22,15 +22,24 @@ ARCHS = {
 }
 
 
+DTYPES = ("float32", "bfloat16")
+
+
 def create(arch: str, num_outputs: int, width_scale: float = 1.0,
-           dtype=jnp.float32) -> ResNet:
-  """The named architecture with every width scaled (rounded) by `width_scale`."""
+           dtype: str = "float32") -> ResNet:
+  """The named architecture with every width scaled (rounded) by `width_scale`.
+
+  dtype is the compute type ('bfloat16' on GPU/TPU); parameters, batch statistics
+  and the returned logits and feature taps stay float32.
+  """
   if arch not in ARCHS:
     raise ValueError(f"Unknown model {arch!r}: use one of {sorted(ARCHS)}.")
+  if dtype not in DTYPES:
+    raise ValueError(f"Unknown compute dtype {dtype!r}: use one of {DTYPES}.")
   spec = ARCHS[arch]
   widths = tuple(int(round(w * width_scale)) for w in spec.widths)
   return ResNet(widths=widths, blocks=spec.blocks, num_outputs=num_outputs,
-                small_input=spec.small_input, dtype=dtype)
+                small_input=spec.small_input, dtype=jnp.dtype(dtype))
 
 
 __all__ = ["ARCHS", "Arch", "Bridges", "Outputs", "ResNet", "create"]

@@ -100,7 +100,7 @@ def fit(name: str, directory: Path, make_state: Callable[[], TrainState],
     frozen = replicate(frozen)
     history = []
     bar = tqdm.trange(start, schedule.num_steps, desc=name, initial=start,
-                      total=schedule.num_steps, leave=False)
+                      total=schedule.num_steps)
     for step in bar:
       state, metrics = step_fn(state, frozen, batch_fn(step))
       history.append(metrics)
