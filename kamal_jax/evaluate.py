@@ -59,22 +59,34 @@ def accuracy(logits: np.ndarray, targets: np.ndarray) -> float:
   return float(np.mean(np.argmax(logits, axis=-1) == targets))
 
 
+@functools.partial(jax.jit, static_argnames="measure")
+def _ambiguity(logits, measure: str):
+  return ambiguity.get(measure)(logits)
+
+
+@functools.partial(jax.jit, static_argnames="measure")
+def _least_ambiguous(restricted, measure: str):
+  return ambiguity.select(ambiguity.get(measure)(restricted))
+
+
+def _selection(teacher_logits: np.ndarray, index: np.ndarray, measure: str):
+  """(restricted logits [K, N, P], one-hot choice [N, K]) as a stage-1 step makes it."""
+  restricted = np.take_along_axis(teacher_logits, index[:, None, :], axis=-1)
+  return restricted, np.asarray(_least_ambiguous(restricted, measure))
+
+
 def selected_fraction(teacher_logits: np.ndarray, index: np.ndarray,
                       measure: str) -> np.ndarray:
   """Fraction of samples that learn from each teacher: [K, N, C], [K, P] -> [K]."""
-  restricted = np.take_along_axis(teacher_logits, index[:, None, :], axis=-1)
-  mask = ambiguity.select(ambiguity.get(measure)(restricted))  # [N, K]
-  return np.asarray(mask.mean(axis=0))
+  return _selection(teacher_logits, index, measure)[1].mean(axis=0)
 
 
 def selected_teacher_accuracy(teacher_logits: np.ndarray, index: np.ndarray,
                               targets: np.ndarray, measure: str) -> float:
   """Accuracy of the targets a component learns from: each sample's least
   ambiguous teacher, restricted to the part ([K, N, C] -> one number)."""
-  restricted = np.take_along_axis(teacher_logits, index[:, None, :], axis=-1)  # [K, N, P]
-  mask = np.asarray(ambiguity.select(ambiguity.get(measure)(restricted)))  # [N, K]
-  chosen = np.einsum("nk,knp->np", mask, restricted)
-  return accuracy(chosen, targets)
+  restricted, mask = _selection(teacher_logits, index, measure)
+  return accuracy(np.einsum("nk,knp->np", mask, restricted), targets)
 
 
 def joint_accuracies(student_logits: np.ndarray, head_sizes, targets: np.ndarray,
@@ -88,7 +100,7 @@ def joint_accuracies(student_logits: np.ndarray, head_sizes, targets: np.ndarray
   """
   bounds = np.cumsum((0,) + tuple(head_sizes))
   heads = [student_logits[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-  amb = np.stack([np.asarray(ambiguity.get(measure)(h)) for h in heads])  # [G, N]
+  amb = np.stack([np.asarray(_ambiguity(h, measure)) for h in heads])  # [G, N]
   head = np.argmin(amb, axis=0)
   within = np.stack([np.argmax(h, axis=-1) for h in heads])  # [G, N]
   prediction = bounds[head] + within[head, np.arange(len(head))]

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from kamal_jax import tasks
@@ -53,13 +54,14 @@ def stack(teachers: list[Teacher]) -> TeacherStack:
 
 
 def stack_variables(variables: list) -> Any:
-  """Variable trees of one architecture -> one tree with a leading [K] axis."""
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *variables)
+  """Variable trees of one architecture -> one host tree with a leading [K] axis
+  (NumPy: stacking on the host compiles nothing)."""
+  return jax.tree.map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]), *variables)
 
 
 def take(stack_variables, indices) -> Any:
-  """The sub-stack of the given teachers (indices into the leading axis)."""
-  return jax.tree.map(lambda leaf: leaf[jnp.asarray(indices)], stack_variables)
+  """The sub-stack of the given teachers (indices into the leading axis), on the host."""
+  return jax.tree.map(lambda leaf: np.asarray(leaf)[np.asarray(indices)], stack_variables)
 
 
 def map_stacked(fn: Callable, *stacked, vectorize: bool | None = None) -> Any:

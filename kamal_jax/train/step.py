@@ -13,8 +13,8 @@ import functools
 from typing import Callable, Hashable
 
 import jax
+import numpy as np
 import optax
-from flax import jax_utils
 
 from kamal_jax.train.state import TrainState
 
@@ -43,20 +43,27 @@ def train_step(loss_fn: Callable, spec: Hashable, devices: tuple | None = None) 
 
 
 def replicate(tree, devices=None):
-  """A copy of `tree` on each device ([...] -> [devices, ...]), laid out as the
-  step's own outputs are: named after the step's axis, so the second call of a step
-  (on its outputs) hits the program compiled for the first (with any other layout,
-  jax.pmap compiles the step a second time)."""
-  return jax_utils.replicate(tree, devices, axis_name=AXIS)
+  """A copy of `tree` on each device ([...] -> [devices, ...]).
+
+  Built on the host (NumPy), so no per-leaf program is compiled, and laid out as the
+  step's own outputs are (a mesh axis named after the step's axis), so the second
+  call of a step, on its own outputs, reuses the program compiled for the first.
+  """
+  devices = devices or jax.local_devices()
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
+                                        jax.sharding.PartitionSpec(AXIS))
+  return jax.tree.map(
+      lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
 
 
 def unreplicate(tree):
-  """One device's copy of a pmapped tree ([devices, ...] -> [...]).
+  """One device's copy of a pmapped tree, on the host: [devices, ...] -> NumPy [...].
 
   Reads the first addressable shard, so it also works where other processes hold
   the other devices (flax.jax_utils.unreplicate returns the whole [1, ...] array
   when pmapped over a single device among several).
   """
   def first(x):
-    return x.addressable_shards[0].data[0] if isinstance(x, jax.Array) else x[0]
+    shard = x.addressable_shards[0].data if isinstance(x, jax.Array) else x
+    return np.asarray(shard)[0]
   return jax.tree.map(first, tree)
