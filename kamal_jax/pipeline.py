@@ -34,6 +34,7 @@ class Run:
   plan: tasks.AmalgamationPlan
   writer: SummaryWriter
   train_stages: tuple[str, ...]  # the stages this invocation may train
+  trained: set = dataclasses.field(default_factory=set)  # the stages it did train
 
   def key(self, stream: str):
     root = jax.random.key(self.config.seed, impl=self.config.rng_impl)
@@ -42,13 +43,14 @@ class Run:
   def fit(self, name: str, stage: str, make_state, loss_fn, spec, frozen, batch_fn,
           cfg, axis_labels=()) -> train.TrainState:
     directory = self.workdir / "checkpoints" / name
-    if stage not in self.train_stages:
-      state = train.restore_finished(directory, make_state, cfg.steps)
-      if state is None:
-        raise StageNotReadyError(
-            f"Stage {stage!r} has not finished in {self.workdir} ({name!r} has no final "
-            f"checkpoint): run it first with --stage={stage} or run all stages.")
+    state = train.restore_finished(directory, make_state, cfg.steps)
+    if state is not None:
       return state
+    if stage not in self.train_stages:
+      raise StageNotReadyError(
+          f"Stage {stage!r} has not finished in {self.workdir} ({name!r} has no final "
+          f"checkpoint): run it first with --stage={stage} or run all stages.")
+    self.trained.add(stage)
     schedule = train.Schedule(cfg.steps, self.config.log_every, self.config.checkpoint_every)
     return train.fit(name, directory, make_state, loss_fn, spec, frozen, batch_fn,
                      schedule, self.writer, axis_labels)
@@ -247,7 +249,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> R
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stages=STAGES) -> dict | None:
-  """Runs the given stages (all by default) and returns the report if evaluated."""
+  """Runs the given stages (all by default) and returns the report if evaluated.
+
+  timings.json keeps, per stage, the seconds of the invocation that trained it to
+  the end (a stage restored from its checkpoints keeps its earlier time).
+  """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -257,13 +263,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def timed(stage, fn, *args):
     start = time.perf_counter()
     out = fn(*args)
-    if stage in stages:
+    if stage in run.trained:
       timings[stage] = round(time.perf_counter() - start, 2)
       timings_path.write_text(json.dumps(timings, indent=2))
     return out
 
   last = max(STAGES.index(s) for s in stages)
   run = prepare(config, workdir, stages)
+  run.trained.add("evaluate")  # never checkpointed: always computed anew
   try:
     pool_teachers = timed("teachers", train_teachers, run)
     if last < STAGES.index("stage1"):

@@ -61,6 +61,8 @@ def test_rerun_restores_finished_stages(tiny, finished, monkeypatch):
   monkeypatch.setattr(train.loop, "train_step", no_training)
   again = pipeline.train_and_evaluate(tiny, str(workdir))
   assert _numbers(again) == _numbers(result)
+  for stage in ("teachers", "stage1", "stage2"):  # the times of the training run stay
+    assert again["timings"][stage] == result["timings"][stage]
 
 
 def test_same_seed_gives_identical_numbers(tiny, finished, tmp_path):
