@@ -242,6 +242,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> R
   _check_stackable(plan)
   train_indices, test_indices = data.stratified_split(
       dataset.labels, config.data.test_fraction, config.seed)
+  # The workdir is touched only once the config has passed every check above.
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   writer = SummaryWriter(str(workdir / "tensorboard"))
   return Run(config, workdir, dataset, train_indices, test_indices, plan, writer,
              tuple(train_stages))
@@ -255,8 +258,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   the end (a stage restored from its checkpoints keeps its earlier time).
   """
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  run = prepare(config, workdir, stages)
+  run.trained.add("evaluate")  # never checkpointed: always computed anew
   timings_path = workdir / "timings.json"
   timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
 
@@ -269,8 +272,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return out
 
   last = max(STAGES.index(s) for s in stages)
-  run = prepare(config, workdir, stages)
-  run.trained.add("evaluate")  # never checkpointed: always computed anew
   try:
     pool_teachers = timed("teachers", train_teachers, run)
     if last < STAGES.index("stage1"):

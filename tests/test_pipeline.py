@@ -111,3 +111,11 @@ def test_cli_refuses_a_stage_whose_inputs_are_missing(data_dir, tmp_path):
   assert done.returncode == 2
   assert "Stage 'teachers' has not finished" in done.stderr
   assert "Traceback" not in done.stderr
+
+
+def test_a_refused_config_leaves_the_workdir_untouched(tiny, tmp_path):
+  bad = tiny.copy_and_resolve_references()
+  bad.target.parts.part1 = ("0", "1", "9")  # no teacher covers 0, 1 and 9 together
+  with pytest.raises(ValueError, match="group is empty"):
+    pipeline.train_and_evaluate(bad, str(tmp_path / "new"))
+  assert not (tmp_path / "new").exists()
