@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from kamal_jax import ambiguity, tasks
+from kamal_jax import ambiguity, data, tasks
 from kamal_jax.teachers import stacked_apply
 from kamal_jax.train.step import AXIS, replicate
 
@@ -30,9 +30,6 @@ def predict(module: nn.Module, variables, images: np.ndarray, batch_size: int,
   """Logits [N, C], or [K, N, C] for stacked variables, in fixed-size batches (the
   last one padded) so one compiled program serves every batch."""
   devices = jax.local_device_count()
-  if batch_size % devices:
-    raise ValueError(f"Evaluation batch size {batch_size} does not split over "
-                     f"{devices} devices: use a multiple of {devices}.")
   predictor = _predictor(module, stacked)
   variables = replicate(variables)
   count = len(images)
@@ -40,8 +37,7 @@ def predict(module: nn.Module, variables, images: np.ndarray, batch_size: int,
       [images, np.zeros((-count % batch_size,) + images.shape[1:], images.dtype)])
   chunks = []
   for start in range(0, len(padded), batch_size):
-    x = padded[start:start + batch_size].reshape((devices, -1) + images.shape[1:])
-    chunks.append(predictor(variables, x))
+    chunks.append(predictor(variables, data.shard(padded[start:start + batch_size], devices)))
   logits = np.concatenate([np.asarray(c).reshape((-1,) + c.shape[2:]) for c in chunks])
   logits = logits[:count]
   return logits.transpose(1, 0, 2) if stacked else logits
@@ -121,13 +117,13 @@ def score(plan: tasks.AmalgamationPlan, class_names, labels: np.ndarray,
                      "accuracy_per_part": {}, "accuracy": None}
               for name, space in plan.label_spaces.items()}
   components, per_part, counts = [], {}, {}
+  bounds = np.cumsum((0,) + plan.head_sizes)  # the student's heads in its logits
   for g, group in enumerate(plan.groups):
     inside, targets = part_labels(labels, class_names, group.part)
     counts[group.part.name] = int(inside.sum())
     stacked = np.stack([teacher_logits[t][inside] for t in group.teachers])  # [K, n, C]
-    for t, index in zip(group.teachers, group.index):
-      teachers[t]["accuracy_per_part"][group.part.name] = accuracy(
-          teacher_logits[t][inside][:, index], targets)
+    for t, logits, index in zip(group.teachers, stacked, group.index):
+      teachers[t]["accuracy_per_part"][group.part.name] = accuracy(logits[:, index], targets)
     components.append({
         "name": group.part.name, "classes": list(group.part.classes),
         "teachers": list(group.teachers),
@@ -135,7 +131,6 @@ def score(plan: tasks.AmalgamationPlan, class_names, labels: np.ndarray,
         "selected_teacher_accuracy": selected_teacher_accuracy(
             stacked, group.index, targets, measure),
     })
-    bounds = np.cumsum((0,) + plan.head_sizes)
     per_part[group.part.name] = accuracy(
         student_logits[inside][:, bounds[g]:bounds[g + 1]], targets)
   for entry in teachers.values():
@@ -143,9 +138,8 @@ def score(plan: tasks.AmalgamationPlan, class_names, labels: np.ndarray,
     if parts:  # over the parts it covers, weighted by their test images
       entry["accuracy"] = float(np.average(list(parts.values()),
                                            weights=[counts[p] for p in parts]))
-  names = np.array(class_names)[labels]
-  in_target = np.isin(names, plan.target_classes)
-  targets = np.array([plan.target_classes.index(n) for n in names[in_target]])
+  in_target, targets = part_labels(labels, class_names,
+                                   tasks.Head("target", plan.target_classes))
   joint = joint_accuracies(student_logits[in_target], plan.head_sizes, targets, measure)
   return {
       "teachers": list(teachers.values()),

@@ -82,7 +82,7 @@ def _variables(state: train.TrainState) -> dict:
 
 def train_teachers(run: Run) -> teachers.TeacherStack:
   """Trains the pool's teachers from labels, each on the training images of its own
-  classes; all of them in one vmapped step."""
+  classes; all of them in one step."""
   cfg = run.config.teacher_training
   spaces = run.plan.label_spaces
   names = tuple(spaces)
@@ -207,10 +207,12 @@ def evaluate_all(run: Run, pool_teachers, components, student, spec) -> dict:
 def validate(config: ml_collections.ConfigDict):
   """Checks what can be checked before any data is read, naming the fix."""
   devices = jax.local_device_count()
-  for stage in ("teacher_training", "stage1", "stage2"):
-    if config[stage].batch_size % devices:
-      raise ValueError(f"{stage}.batch_size={config[stage].batch_size} does not split over "
-                       f"{devices} devices: use a multiple of {devices}.")
+  sizes = {f"{stage}.batch_size": config[stage].batch_size
+           for stage in ("teacher_training", "stage1", "stage2")}
+  for name, size in dict(sizes, eval_batch_size=config.eval_batch_size).items():
+    if size % devices:
+      raise ValueError(f"{name}={size} does not split over {devices} devices: use a "
+                       f"multiple of {devices}.")
   if config.data.pool not in ("all", "reference"):
     raise ValueError(f"data.pool={config.data.pool!r}: use 'all' or 'reference'.")
   ambiguity.get(config.stage1.ambiguity)

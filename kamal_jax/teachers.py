@@ -8,7 +8,7 @@ optimizer.
 
 Training a pool of class teachers from labels (the source nets of the embedded
 default and of the paper's setups) is the supervised stage below: the K teachers of a
-stack train together in one vmapped step, each on batches of its own classes.
+stack train together in one step, each on batches of its own classes.
 """
 import dataclasses
 from typing import Any, Callable
