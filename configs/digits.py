@@ -4,8 +4,19 @@ Main classes 0-5 in two parts, auxiliary classes 6-9 in four; each teacher knows
 main part and one auxiliary part, as in the paper's class setup in miniature. The
 target is the six main classes; the grouping into {t1, t2} and {t3, t4} is found
 from these label sets, not written here.
+
+  --config=configs/digits.py          the default
+  --config=configs/digits.py:domains  the teachers of a group are domain specialists:
+      t1 and t3 learn from the original images, t2 and t4 from copies whose pixels
+      are shuffled by one fixed permutation; the unlabeled pool and the test images
+      mix both domains (half each), so each teacher is sure on its own domain and
+      unsure on the other, and per-sample selection matters. (Inverted images make
+      a poor second domain: a teacher is confidently wrong on them, since their
+      bright background drives its activations far past its training statistics.)
 """
 import ml_collections
+
+VARIANTS = ("default", "domains")
 
 
 def _optimizer(learning_rate, bridge_learning_rate=None, decay_at=(0.5, 0.75)):
@@ -16,18 +27,24 @@ def _optimizer(learning_rate, bridge_learning_rate=None, decay_at=(0.5, 0.75)):
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg
+  variant = arg or "default"
+  if variant not in VARIANTS:
+    raise ValueError(f"Unknown digits variant {variant!r}: use one of {VARIANTS}.")
   c = ml_collections.ConfigDict()
   c.seed = 0
   # 'rbg' keys compile several times faster than threefry for the random init.
   c.rng_impl = "rbg"
+  # two_stage (the method), single_stage, ensemble or supervised (an upper bound).
+  c.pipeline = "two_stage"
 
   c.data = ml_collections.ConfigDict(dict(
       name="digits", data_dir="", test_fraction=0.2,
       # 'all': every stage learns from all unlabeled training images; 'reference':
       # each component sees only its part's images (picked with labels), the
       # student only the target classes' images, as the reference code does.
-      pool="all"))
+      pool="all",
+      # Each image is shown in one of these domains, drawn with the seed.
+      domains=("original",)))
 
   # Student heads follow the part names in sorted order.
   c.target = ml_collections.ConfigDict(dict(parts=dict(
@@ -35,6 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.teachers = ml_collections.ConfigDict(dict(
       t1=("0", "1", "2", "6"), t2=("0", "1", "2", "7"),
       t3=("3", "4", "5", "8"), t4=("3", "4", "5", "9")))
+  # The domain each teacher learned in (data.domains[0] where not named).
+  c.teacher_domains = ml_collections.ConfigDict()
 
   c.models = ml_collections.ConfigDict(dict(
       # Components share the teachers' architecture; the student is wider than one
@@ -45,14 +64,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.teacher_training = ml_collections.ConfigDict(dict(
       steps=300, batch_size=64, optimizer=_optimizer(2e-3)))
+  # The method's settings (also those of the single-stage pipeline).
   c.stage1 = ml_collections.ConfigDict(dict(
-      steps=400, batch_size=64, ambiguity="entropy",
+      steps=400, batch_size=64,
+      selection="least",  # least | none | random | soft | oracle (uses labels)
+      ambiguity="entropy",  # entropy | margin | max_prob
+      temperature=1.0,  # of the soft rule: weights softmax(-ambiguity / T)
       bridge_widths=(8, 8, 16, 32, 64), weight_norm=1.0,
+      feature_weight=1.0,  # 0: logits alone
+      logit_loss="mse", kd_temperature=4.0,  # 'kd': KL of softmaxes at that T
       optimizer=_optimizer(1e-3, bridge_learning_rate=2e-3)))
+  # The student: from the components, or (single_stage, supervised) directly.
   c.stage2 = ml_collections.ConfigDict(dict(
       steps=400, batch_size=64, optimizer=_optimizer(1e-3, bridge_learning_rate=2e-3)))
 
   c.eval_batch_size = 512
   c.log_every = 50
   c.checkpoint_every = 100
+
+  if variant == "domains":
+    c.data.domains = ("original", "shuffled")
+    c.teacher_domains = ml_collections.ConfigDict(dict(
+        t1="original", t2="shuffled", t3="original", t4="shuffled"))
   return c

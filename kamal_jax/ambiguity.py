@@ -49,3 +49,48 @@ def select(ambiguity: jnp.ndarray) -> jnp.ndarray:
   """
   k = ambiguity.shape[0]
   return jax.nn.one_hot(jnp.argmin(ambiguity, axis=0), k, dtype=ambiguity.dtype)
+
+
+# Selection rules: how much each sample learns from each teacher. Each maps the
+# ambiguity [K, B] to weights [B, K] that sum to 1 over K. `key` (a PRNG key) and
+# `correct` ([K, B] bool: the teacher's prediction is right, from labels) are only
+# read by the rules that need them.
+
+def _least(ambiguity, key, correct, temperature):
+  return select(ambiguity)
+
+
+def _none(ambiguity, key, correct, temperature):
+  k, b = ambiguity.shape
+  return jnp.full((b, k), 1.0 / k, ambiguity.dtype)
+
+
+def _random(ambiguity, key, correct, temperature):
+  k, b = ambiguity.shape
+  return jax.nn.one_hot(jax.random.randint(key, (b,), 0, k), k, dtype=ambiguity.dtype)
+
+
+def _soft(ambiguity, key, correct, temperature):
+  return jax.nn.softmax(-ambiguity / temperature, axis=0).T
+
+
+def _oracle(ambiguity, key, correct, temperature):
+  """The least ambiguous of the teachers that are right; where none is (or the
+  sample lies outside the part), the least ambiguous of all. Needs labels: an upper
+  bound, not a method."""
+  anyone = jnp.any(correct, axis=0, keepdims=True)  # [1, B]
+  return select(jnp.where(anyone & ~correct, jnp.inf, ambiguity))
+
+
+RULES = {"least": _least, "none": _none, "random": _random, "soft": _soft,
+         "oracle": _oracle}
+NEEDS_KEY = ("random",)
+NEEDS_LABELS = ("oracle",)
+
+
+def weights(rule: str, ambiguity: jnp.ndarray, *, key=None, correct=None,
+            temperature: float = 1.0) -> jnp.ndarray:
+  """[K, B] ambiguity -> [B, K] per-sample teacher weights under `rule`."""
+  if rule not in RULES:
+    raise ValueError(f"Unknown selection rule {rule!r}: use one of {sorted(RULES)}.")
+  return RULES[rule](ambiguity, key, correct, temperature)

@@ -43,12 +43,10 @@ def predict(module: nn.Module, variables, images: np.ndarray, batch_size: int,
   return logits.transpose(1, 0, 2) if stacked else logits
 
 
-def part_labels(labels: np.ndarray, class_names, part: tasks.Head):
-  """(mask of the samples whose class is in the part, their position in the part)."""
-  names = np.array(class_names)[labels]
-  inside = np.isin(names, part.classes)
-  position = np.array([part.classes.index(n) for n in names[inside]], np.int32)
-  return inside, position
+def positions(labels: np.ndarray, class_names, classes) -> np.ndarray:
+  """Each sample's position in `classes` (a part, a label set), -1 outside them."""
+  lookup = {name: i for i, name in enumerate(classes)}
+  return np.array([lookup.get(class_names[label], -1) for label in labels], np.int32)
 
 
 def accuracy(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -60,29 +58,38 @@ def _ambiguity(logits, measure: str):
   return ambiguity.get(measure)(logits)
 
 
-@functools.partial(jax.jit, static_argnames="measure")
-def _least_ambiguous(restricted, measure: str):
-  return ambiguity.select(ambiguity.get(measure)(restricted))
+@functools.partial(jax.jit, static_argnames=("rule", "measure", "temperature"))
+def _weights(restricted, correct, key, rule: str, measure: str, temperature: float):
+  return ambiguity.weights(rule, ambiguity.get(measure)(restricted), key=key,
+                           correct=correct, temperature=temperature)
 
 
-def _selection(teacher_logits: np.ndarray, index: np.ndarray, measure: str):
-  """(restricted logits [K, N, P], one-hot choice [N, K]) as a stage-1 step makes it."""
-  restricted = np.take_along_axis(teacher_logits, index[:, None, :], axis=-1)
-  return restricted, np.asarray(_least_ambiguous(restricted, measure))
+def rule_weights(restricted: np.ndarray, targets: np.ndarray, rule: str, measure: str,
+                 temperature: float = 1.0, seed: int = 0) -> np.ndarray:
+  """The weights [N, K] a selection rule gives K teachers' restricted logits
+  [K, N, P], as a stage-1 step computes them. targets [N] (positions in the part,
+  -1 outside) serve the oracle rule; seed the random one."""
+  correct = np.argmax(restricted, axis=-1) == targets[None]  # [K, N]
+  key = jax.random.key(seed)
+  return np.asarray(_weights(restricted, correct, key, rule, measure, temperature))
 
 
-def selected_fraction(teacher_logits: np.ndarray, index: np.ndarray,
-                      measure: str) -> np.ndarray:
-  """Fraction of samples that learn from each teacher: [K, N, C], [K, P] -> [K]."""
-  return _selection(teacher_logits, index, measure)[1].mean(axis=0)
+def selection_stats(restricted: np.ndarray, weights: np.ndarray, targets: np.ndarray,
+                    teacher_domains: np.ndarray, sample_domains: np.ndarray) -> dict:
+  """What a component learns from, over one set of images.
 
-
-def selected_teacher_accuracy(teacher_logits: np.ndarray, index: np.ndarray,
-                              targets: np.ndarray, measure: str) -> float:
-  """Accuracy of the targets a component learns from: each sample's least
-  ambiguous teacher, restricted to the part ([K, N, C] -> one number)."""
-  restricted, mask = _selection(teacher_logits, index, measure)
-  return accuracy(np.einsum("nk,knp->np", mask, restricted), targets)
+  'selected_fraction' [K]: each teacher's mean weight over all the images.
+  On the images of the part (targets >= 0):
+  'target_accuracy': accuracy of the weighted mean of the teachers' restricted
+    logits (what an MSE regression onto the weighted teachers converges to);
+  'selected_own_domain': the weight on the teacher(s) of the image's own domain.
+  """
+  inside = targets >= 0
+  combined = np.einsum("nk,knp->np", weights, restricted)  # [N, P]
+  own = teacher_domains[None, :] == sample_domains[:, None]  # [N, K]
+  return {"selected_fraction": weights.mean(axis=0).tolist(),
+          "target_accuracy": accuracy(combined[inside], targets[inside]),
+          "selected_own_domain": float(np.sum((weights * own)[inside]) / inside.sum())}
 
 
 def joint_accuracies(student_logits: np.ndarray, head_sizes, targets: np.ndarray,
@@ -105,13 +112,14 @@ def joint_accuracies(student_logits: np.ndarray, head_sizes, targets: np.ndarray
 
 
 def score(plan: tasks.AmalgamationPlan, class_names, labels: np.ndarray,
-          teacher_logits: dict[str, np.ndarray], component_logits: np.ndarray,
+          teacher_logits: dict[str, np.ndarray], component_logits: list | None,
           student_logits: np.ndarray, measure: str) -> dict:
   """The accuracies of the report on one labelled split.
 
-  teacher_logits: {name: [N, C_t]}; component_logits: [G, N, P]; student_logits:
-  [N, sum P]. Teachers, components and the student's head g are scored on the images
-  of part g, each by argmax over the part's classes.
+  teacher_logits: {name: [N, C_t]}; component_logits: G arrays [N, P_g] (None where
+  the pipeline has no components); student_logits: [N, sum P]. Teachers, components and
+  the student's head g are scored on the images of part g, each by argmax over the
+  part's classes.
   """
   teachers = {name: {"name": name, "classes": list(space.classes),
                      "accuracy_per_part": {}, "accuracy": None}
@@ -119,18 +127,18 @@ def score(plan: tasks.AmalgamationPlan, class_names, labels: np.ndarray,
   components, per_part, counts = [], {}, {}
   bounds = np.cumsum((0,) + plan.head_sizes)  # the student's heads in its logits
   for g, group in enumerate(plan.groups):
-    inside, targets = part_labels(labels, class_names, group.part)
+    targets = positions(labels, class_names, group.part.classes)
+    inside = targets >= 0
+    targets = targets[inside]
     counts[group.part.name] = int(inside.sum())
-    stacked = np.stack([teacher_logits[t][inside] for t in group.teachers])  # [K, n, C]
-    for t, logits, index in zip(group.teachers, stacked, group.index):
-      teachers[t]["accuracy_per_part"][group.part.name] = accuracy(logits[:, index], targets)
+    for t, index in zip(group.teachers, group.index):
+      teachers[t]["accuracy_per_part"][group.part.name] = accuracy(
+          teacher_logits[t][inside][:, index], targets)
     components.append({
         "name": group.part.name, "classes": list(group.part.classes),
         "teachers": list(group.teachers),
-        "accuracy": accuracy(component_logits[g][inside], targets),
-        "selected_teacher_accuracy": selected_teacher_accuracy(
-            stacked, group.index, targets, measure),
-    })
+        "accuracy": None if component_logits is None else accuracy(
+            component_logits[g][inside], targets)})
     per_part[group.part.name] = accuracy(
         student_logits[inside][:, bounds[g]:bounds[g + 1]], targets)
   for entry in teachers.values():
@@ -138,9 +146,9 @@ def score(plan: tasks.AmalgamationPlan, class_names, labels: np.ndarray,
     if parts:  # over the parts it covers, weighted by their test images
       entry["accuracy"] = float(np.average(list(parts.values()),
                                            weights=[counts[p] for p in parts]))
-  in_target, targets = part_labels(labels, class_names,
-                                   tasks.Head("target", plan.target_classes))
-  joint = joint_accuracies(student_logits[in_target], plan.head_sizes, targets, measure)
+  targets = positions(labels, class_names, plan.target_classes)
+  inside = targets >= 0
+  joint = joint_accuracies(student_logits[inside], plan.head_sizes, targets[inside], measure)
   return {
       "teachers": list(teachers.values()),
       "components": components,
@@ -148,3 +156,13 @@ def score(plan: tasks.AmalgamationPlan, class_names, labels: np.ndarray,
                   "accuracy_joint": joint["argmax"],
                   "accuracy_joint_least_ambiguous_head": joint["least_ambiguous_head"]},
   }
+
+
+def ensemble_log_probs(restricted: list[np.ndarray]) -> np.ndarray:
+  """The teacher ensemble as a multi-head predictor: per part g, the mean of its
+  teachers' softmaxes over the part ([K_g, N, P_g] each), as log-probabilities laid
+  side by side [N, sum P_g]."""
+  def softmax(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+  return np.concatenate([np.log(np.mean(softmax(r), axis=0)) for r in restricted], axis=-1)

@@ -2,21 +2,28 @@
 
 Each stage trains through `train.fit`, which resumes from the stage's checkpoints and
 never retrains a finished stage; a later stage restores what the earlier ones left.
+
+`config.pipeline` picks what stands between the teachers and the report:
+  two_stage     the method: components (stage 1), then the student from them (stage 2);
+  single_stage  the student from the teachers directly (stage 2 only);
+  ensemble      no student: the teachers of each group, averaged, answer;
+  supervised    the student trained with labels on the target classes (an upper bound).
 """
 import dataclasses
 import json
 import time
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import jax
 import ml_collections
 import numpy as np
-from tensorboardX import SummaryWriter
 
 from kamal_jax import ambiguity, amalgamate, data, evaluate, models, report, tasks, teachers, train
 
 STAGES = ("teachers", "stage1", "stage2", "evaluate")
+PIPELINES = ("two_stage", "single_stage", "ensemble", "supervised")
 
 
 class StageNotReadyError(RuntimeError):
@@ -28,11 +35,13 @@ class Run:
   """What every stage reads: the config, the data and the plan."""
   config: ml_collections.ConfigDict
   workdir: Path
-  dataset: data.LabeledImages
+  dataset: data.LabeledImages  # every image in its original domain
+  images: np.ndarray  # [N, ...] each image in its own domain: what stages 1-2 and tests see
+  domains: np.ndarray  # [N] each image's index into config.data.domains
   train_indices: np.ndarray  # the unlabeled pool (and the teachers' training images)
   test_indices: np.ndarray  # held out from every stage
   plan: tasks.AmalgamationPlan
-  writer: SummaryWriter
+  log: train.MetricLog
   train_stages: tuple[str, ...]  # the stages this invocation may train
   trained: set = dataclasses.field(default_factory=set)  # the stages it did train
 
@@ -40,8 +49,11 @@ class Run:
     root = jax.random.key(self.config.seed, impl=self.config.rng_impl)
     return jax.random.fold_in(root, zlib.crc32(stream.encode()))
 
+  def teacher_domain(self, name: str) -> str:
+    return self.config.teacher_domains.get(name, self.config.data.domains[0])
+
   def fit(self, name: str, stage: str, make_state, loss_fn, spec, frozen, batch_fn,
-          cfg, axis_labels=()) -> train.TrainState:
+          cfg, labels) -> train.TrainState:
     directory = self.workdir / "checkpoints" / name
     state = train.restore_finished(directory, make_state, cfg.steps)
     if state is not None:
@@ -53,7 +65,7 @@ class Run:
     self.trained.add(stage)
     schedule = train.Schedule(cfg.steps, self.config.log_every, self.config.checkpoint_every)
     return train.fit(name, directory, make_state, loss_fn, spec, frozen, batch_fn,
-                     schedule, self.writer, axis_labels)
+                     schedule, self.log, labels)
 
 
 def _sharded(batch: dict, axis: int = 0) -> dict:
@@ -63,11 +75,8 @@ def _sharded(batch: dict, axis: int = 0) -> dict:
           for k, v in batch.items()}
 
 
-def _images(run: Run, indices: np.ndarray, stream: str, batch_size: int):
-  """batch_fn over the given images, labels withheld: only 'image' reaches a step."""
-  images = run.dataset.images
-  return lambda step: _sharded({"image": images[indices[
-      data.batch_indices(len(indices), batch_size, run.config.seed, stream, step)]]})
+def _shapes(tree):
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), tree)
 
 
 def _teacher_arch(run: Run, num_outputs: int):
@@ -76,43 +85,14 @@ def _teacher_arch(run: Run, num_outputs: int):
   return models.create(cfg.teacher, num_outputs, cfg.teacher_width_scale, cfg.dtype)
 
 
+def _student_arch(run: Run):
+  cfg = run.config.models
+  return models.create(cfg.student, sum(run.plan.head_sizes), cfg.student_width_scale,
+                       cfg.dtype)
+
+
 def _variables(state: train.TrainState) -> dict:
   return {"params": state.params["net"], "batch_stats": state.batch_stats}
-
-
-def train_teachers(run: Run) -> teachers.TeacherStack:
-  """Trains the pool's teachers from labels, each on the training images of its own
-  classes; all of them in one step."""
-  cfg = run.config.teacher_training
-  spaces = run.plan.label_spaces
-  names = tuple(spaces)
-  module = _teacher_arch(run, spaces[names[0]].num_outputs)
-  x = run.dataset.images[:1]
-  class_names = np.array(run.dataset.class_names)
-  members, local_labels = [], []
-  for name in names:
-    classes = spaces[name].classes
-    inside = np.isin(class_names[run.dataset.labels[run.train_indices]], classes)
-    members.append(run.train_indices[inside])
-    local_labels.append(np.array([classes.index(c) for c in class_names[
-        run.dataset.labels[members[-1]]]], np.int32))
-
-  def batch_fn(step):
-    picks = [data.batch_indices(len(m), cfg.batch_size, run.config.seed,
-                                f"teachers/{name}", step)
-             for name, m in zip(names, members)]
-    return _sharded({"image": np.stack([run.dataset.images[m[p]] for m, p in zip(members, picks)]),
-                     "label": np.stack([l[p] for l, p in zip(local_labels, picks)])}, axis=1)
-
-  def make_state():
-    keys = jax.random.split(run.key("teachers"), len(names))
-    variables = jax.vmap(lambda k: module.init(k, x, train=False))(keys)
-    return train.create_state({"params": {"net": variables["params"]},
-                               "batch_stats": variables["batch_stats"]}, cfg.optimizer, cfg.steps)
-
-  state = run.fit("teachers", "teachers", make_state, teachers.supervised_loss, module,
-                  None, batch_fn, cfg, axis_labels=names)
-  return teachers.TeacherStack(names, module, _variables(state))
 
 
 def _pool(run: Run, classes) -> np.ndarray:
@@ -125,82 +105,211 @@ def _pool(run: Run, classes) -> np.ndarray:
   return run.train_indices[np.isin(names, classes)]
 
 
-def amalgamate_group(run: Run, pool_teachers: teachers.TeacherStack,
-                     group: tasks.Group) -> dict:
-  """Stage 1 for one group: its teachers' knowledge of the part into a component."""
-  cfg = run.config.stage1
-  spec = amalgamate.Stage1(
-      component=_teacher_arch(run, len(group.part.classes)),
-      teacher=pool_teachers.module, bridge_widths=tuple(cfg.bridge_widths),
-      ambiguity=cfg.ambiguity, weight_norm=cfg.weight_norm)
-  stack = teachers.take(pool_teachers.variables,
-                        [pool_teachers.names.index(t) for t in group.teachers])
-  frozen = {"teachers": stack, "index": group.index}
-  x = run.dataset.images[:1]
-  name = f"stage1_{group.part.name}"
+def _labels_in(run: Run, indices: np.ndarray, classes) -> np.ndarray:
+  return evaluate.positions(run.dataset.labels[indices], run.dataset.class_names, classes)
+
+
+def train_supervised(run: Run, name: str, stage: str, module, label_sets: dict,
+                     images_of: dict[str, Callable], cfg) -> teachers.TeacherStack:
+  """Trains K networks of one architecture from labels, all in one step: network k
+  on the training images of its classes (`label_sets[k]`), as `images_of[k]` renders
+  them. The teachers of the pool are trained this way, and so is the supervised
+  student."""
+  names = tuple(label_sets)
+  members = [run.train_indices[_labels_in(run, run.train_indices, label_sets[n]) >= 0]
+             for n in names]
+  x = run.images[:1]
+
+  def batch_fn(step):
+    picks = [m[data.batch_indices(len(m), cfg.batch_size, run.config.seed,
+                                  f"{name}/{n}", step)] for n, m in zip(names, members)]
+    return _sharded({
+        "image": np.stack([images_of[n](p) for n, p in zip(names, picks)]),
+        "label": np.stack([_labels_in(run, p, label_sets[n]) for n, p in zip(names, picks)]),
+    }, axis=1)
 
   def make_state():
-    variables = amalgamate.init_stage1(spec, run.key(name), stack, x)
+    keys = jax.random.split(run.key(name), len(names))
+    variables = jax.vmap(lambda k: module.init(k, x, train=False))(keys)
+    return train.create_state({"params": {"net": variables["params"]},
+                               "batch_stats": variables["batch_stats"]}, cfg.optimizer, cfg.steps)
+
+  state = run.fit(name, stage, make_state, teachers.supervised_loss, module, None,
+                  batch_fn, cfg, labels={"": names})
+  return teachers.TeacherStack(names, module, _variables(state))
+
+
+def train_teachers(run: Run) -> teachers.TeacherStack:
+  """The pool's teachers, each trained on the training images of its own classes in
+  its own domain."""
+  spaces = run.plan.label_spaces
+  names = tuple(spaces)
+  module = _teacher_arch(run, spaces[names[0]].num_outputs)
+  images_of = {n: (lambda idx, d=run.teacher_domain(n): data.in_domain(run.dataset.images[idx], d))
+               for n in names}
+  return train_supervised(run, "teachers", "teachers", module,
+                          {n: spaces[n].classes for n in names}, images_of,
+                          run.config.teacher_training)
+
+
+def _amalgamation(run: Run, net, head_sizes, frozen_net, **overrides) -> amalgamate.Amalgamation:
+  """The spec of an amalgamation stage from config.stage1's method settings."""
+  cfg = run.config.stage1
+  settings = dict(bridge_widths=tuple(cfg.bridge_widths), selection=cfg.selection,
+                  ambiguity=cfg.ambiguity, temperature=cfg.temperature,
+                  weight_norm=cfg.weight_norm, feature_weight=cfg.feature_weight,
+                  logit_loss=cfg.logit_loss, kd_temperature=cfg.kd_temperature)
+  return amalgamate.Amalgamation(net=net, frozen_net=frozen_net,
+                                 head_sizes=tuple(head_sizes), **dict(settings, **overrides))
+
+
+def _amalgamation_batches(run: Run, spec, indices: np.ndarray, classes, stream: str,
+                          batch_size: int):
+  """batch_fn over the given images: only 'image' reaches the step, plus a PRNG key
+  per device for the random rule and labels for the oracle (an upper bound)."""
+  devices = jax.local_device_count()
+
+  def batch_fn(step):
+    picks = indices[data.batch_indices(len(indices), batch_size, run.config.seed, stream, step)]
+    batch = {"image": run.images[picks]}
+    if spec.selection in ambiguity.NEEDS_LABELS:
+      batch["label"] = _labels_in(run, picks, classes)
+    batch = _sharded(batch)
+    if spec.selection in ambiguity.NEEDS_KEY:
+      rng = data.stream_rng(run.config.seed, f"{stream}/keys", step)
+      batch["key"] = rng.integers(0, 2**32, size=(devices, 2), dtype=np.uint32)
+    return batch
+
+  return batch_fn
+
+
+def _amalgamate(run: Run, name: str, stage: str, spec, frozen, classes, pool, cfg,
+                labels) -> dict:
+  """Trains spec.net by `amalgamation_loss` and returns its variables."""
+  x = run.images[:1]
+  shapes = _shapes(frozen)
+
+  def make_state():
+    variables = amalgamate.init(spec, run.key(name), shapes, x)
     return train.create_state(variables, cfg.optimizer, cfg.steps)
 
-  state = run.fit(name, "stage1", make_state, amalgamate.stage1_loss, spec, frozen,
-                  _images(run, _pool(run, group.part.classes), name, cfg.batch_size),
-                  cfg, axis_labels=group.teachers)
+  batch_fn = _amalgamation_batches(run, spec, pool, classes, name, cfg.batch_size)
+  state = run.fit(name, stage, make_state, amalgamate.amalgamation_loss, spec, frozen,
+                  batch_fn, cfg, labels)
   return _variables(state)
 
 
+def _teacher_groups(pool_teachers: teachers.TeacherStack, groups) -> dict:
+  return {"groups": {str(g): {
+      "nets": teachers.take(pool_teachers.variables,
+                            [pool_teachers.names.index(t) for t in group.teachers]),
+      "index": group.index} for g, group in enumerate(groups)}}
+
+
 def amalgamate_groups(run: Run, pool_teachers: teachers.TeacherStack) -> list[dict]:
-  return [amalgamate_group(run, pool_teachers, g) for g in run.plan.groups]
+  """Stage 1: each group's teachers' knowledge of its part into a component."""
+  components = []
+  for group in run.plan.groups:
+    spec = _amalgamation(run, _teacher_arch(run, len(group.part.classes)),
+                         (len(group.part.classes),), pool_teachers.module)
+    components.append(_amalgamate(
+        run, f"stage1_{group.part.name}", "stage1", spec,
+        _teacher_groups(pool_teachers, [group]), group.part.classes,
+        _pool(run, group.part.classes), run.config.stage1, {"0": group.teachers}))
+  return components
 
 
-def amalgamate_components(run: Run, components: list[dict]) -> tuple[dict, amalgamate.Stage2]:
-  """Stage 2: the components into one multi-head student."""
-  cfg = run.config.stage2
-  plan = run.plan
-  component = _teacher_arch(run, plan.head_sizes[0])
-  spec = amalgamate.Stage2(
-      student=models.create(run.config.models.student, sum(plan.head_sizes),
-                            run.config.models.student_width_scale, run.config.models.dtype),
-      component=component, component_widths=tuple(component.widths))
-  frozen = {"components": teachers.stack_variables(components)}
-  x = run.dataset.images[:1]
+def train_student(run: Run, pool_teachers: teachers.TeacherStack, components) -> dict:
+  """Stage 2: the student, from the components (two_stage), from the teachers
+  directly (single_stage) or from labels (supervised)."""
+  plan, cfg = run.plan, run.config.stage2
+  student = _student_arch(run)
+  pool = _pool(run, plan.target_classes)
+  if run.config.pipeline == "supervised":
+    images_of = {"student": lambda idx: run.images[idx]}
+    stack = train_supervised(run, "stage2", "stage2", student,
+                             {"student": plan.target_classes}, images_of, cfg)
+    return teachers.take(stack.variables, 0)
+  if run.config.pipeline == "single_stage":
+    spec = _amalgamation(run, student, plan.head_sizes, pool_teachers.module)
+    frozen = _teacher_groups(pool_teachers, plan.groups)
+    labels = {str(g): group.teachers for g, group in enumerate(plan.groups)}
+  else:  # two_stage: head g regresses component g on every image, no selection
+    component = _teacher_arch(run, plan.head_sizes[0])
+    spec = _amalgamation(run, student, plan.head_sizes, component,
+                         bridge_widths=tuple(component.widths), frozen_bridges=False,
+                         selection="least", feature_weight=1.0, logit_loss="mse")
+    frozen = {"groups": {str(g): {
+        "nets": teachers.stack_variables([c]),
+        "index": np.arange(len(group.part.classes), dtype=np.int32)[None]}
+        for g, (c, group) in enumerate(zip(components, plan.groups))}}
+    labels = {str(g): (group.part.name,) for g, group in enumerate(plan.groups)}
+  return _amalgamate(run, "stage2", "stage2", spec, frozen, plan.target_classes, pool,
+                     cfg, labels)
 
-  def make_state():
-    variables = amalgamate.init_stage2(spec, run.key("stage2"), len(components), x)
-    return train.create_state(variables, cfg.optimizer, cfg.steps)
 
-  state = run.fit("stage2", "stage2", make_state, amalgamate.stage2_loss, spec, frozen,
-                  _images(run, _pool(run, plan.target_classes), "stage2", cfg.batch_size),
-                  cfg, axis_labels=[p.name for p in plan.parts])
-  return _variables(state), spec
+def _restricted(logits: np.ndarray, names, group: tasks.Group) -> np.ndarray:
+  """The group's teachers' logits on its part: [T, N, C] -> [K, N, P]."""
+  stack = logits[[names.index(t) for t in group.teachers]]
+  return np.take_along_axis(stack, group.index[:, None, :], axis=-1)
 
 
-def evaluate_all(run: Run, pool_teachers, components, student, spec) -> dict:
-  """Scores every network on the held-out split; adds sizes and selection stats."""
+def _selection(run: Run, g: int, group: tasks.Group, logits: np.ndarray,
+               indices: np.ndarray, names) -> dict:
+  """How the configured rule weighs the group's teachers on the given images
+  (teacher logits [T, N, C] of the pool's teachers on them)."""
   cfg = run.config
-  test = run.dataset.subset(run.test_indices)
+  restricted = _restricted(logits, names, group)
+  targets = _labels_in(run, indices, group.part.classes)
+  weights = evaluate.rule_weights(restricted, targets, cfg.stage1.selection,
+                                  cfg.stage1.ambiguity, cfg.stage1.temperature,
+                                  seed=cfg.seed + g)
+  domains = list(cfg.data.domains)
+  teacher_domains = np.array([domains.index(run.teacher_domain(t)) if
+                              run.teacher_domain(t) in domains else -1
+                              for t in group.teachers])
+  stats = evaluate.selection_stats(restricted, weights, targets, teacher_domains,
+                                   run.domains[indices])
+  stats["selected_fraction"] = dict(zip(group.teachers, stats["selected_fraction"]))
+  return stats
+
+
+def evaluate_all(run: Run, pool_teachers, components, student) -> dict:
+  """Scores every network on the held-out split; adds sizes and selection stats."""
+  cfg, plan = run.config, run.plan
   batch = cfg.eval_batch_size
+  names = pool_teachers.names
+  test_images = run.images[run.test_indices]
   teacher_logits = evaluate.predict(pool_teachers.module, pool_teachers.variables,
-                                    test.images, batch, stacked=True)
-  component_logits = evaluate.predict(spec.component, teachers.stack_variables(components),
-                                      test.images, batch, stacked=True)
-  student_logits = evaluate.predict(spec.student, student, test.images, batch)
-  result = evaluate.score(run.plan, test.class_names, test.labels,
-                          dict(zip(pool_teachers.names, teacher_logits)),
-                          component_logits, student_logits, cfg.stage1.ambiguity)
-  # Which teacher each image of a component's stage-1 pool learned from.
-  train_logits = evaluate.predict(pool_teachers.module, pool_teachers.variables,
-                                  run.dataset.images[run.train_indices], batch, stacked=True)
-  for group, entry in zip(run.plan.groups, result["components"]):
-    rows = np.searchsorted(run.train_indices, _pool(run, group.part.classes))
-    ids = [pool_teachers.names.index(t) for t in group.teachers]
-    fraction = evaluate.selected_fraction(train_logits[ids][:, rows], group.index,
-                                          cfg.stage1.ambiguity)
-    entry["selected_fraction"] = dict(zip(group.teachers, fraction.tolist()))
-    entry["params"] = train.count_params(components[0]["params"])
+                                    test_images, batch, stacked=True)
+  component_logits = [
+      evaluate.predict(_teacher_arch(run, len(g.part.classes)), c, test_images, batch)
+      for g, c in zip(plan.groups, components)] or None
+  teacher_params = train.count_params(teachers.take(pool_teachers.variables, 0)["params"])
+  if student is None:  # the ensemble answers: every teacher of every group runs
+    student_logits = evaluate.ensemble_log_probs(
+        [_restricted(teacher_logits, names, g) for g in plan.groups])
+    student_params, forwards = teacher_params * len(plan.used_teachers), len(plan.used_teachers)
+  else:
+    student_logits = evaluate.predict(_student_arch(run), student, test_images, batch)
+    student_params, forwards = train.count_params(student["params"]), 1
+  result = evaluate.score(plan, run.dataset.class_names, run.dataset.labels[run.test_indices],
+                          dict(zip(names, teacher_logits)), component_logits,
+                          student_logits, cfg.stage1.ambiguity)
+  result["student"].update(params=student_params, inference_forwards=forwards)
   for entry in result["teachers"]:
-    entry["params"] = train.count_params(teachers.take(pool_teachers.variables, 0)["params"])
-  result["student"]["params"] = train.count_params(student["params"])
+    entry["params"] = teacher_params
+
+  # What each component learns from: on its stage-1 pool, and on the test images.
+  pool_logits = evaluate.predict(pool_teachers.module, pool_teachers.variables,
+                                 run.images[run.train_indices], batch, stacked=True)
+  for g, (group, entry) in enumerate(zip(plan.groups, result["components"])):
+    pool = _pool(run, group.part.classes)
+    entry.update(_selection(run, g, group, pool_logits[:, np.searchsorted(
+        run.train_indices, pool)], pool, names))
+    entry["test_selection"] = _selection(run, g, group, teacher_logits,
+                                         run.test_indices, names)
+    entry["params"] = train.count_params(components[g]["params"]) if components else None
   return result
 
 
@@ -213,23 +322,27 @@ def validate(config: ml_collections.ConfigDict):
     if size % devices:
       raise ValueError(f"{name}={size} does not split over {devices} devices: use a "
                        f"multiple of {devices}.")
-  if config.data.pool not in ("all", "reference"):
-    raise ValueError(f"data.pool={config.data.pool!r}: use 'all' or 'reference'.")
+  choices = {"pipeline": (config.pipeline, PIPELINES),
+             "data.pool": (config.data.pool, ("all", "reference")),
+             "stage1.selection": (config.stage1.selection, tuple(ambiguity.RULES)),
+             "stage1.logit_loss": (config.stage1.logit_loss, tuple(amalgamate.LOGIT_LOSSES))}
+  for name, (value, allowed) in choices.items():
+    if value not in allowed:
+      raise ValueError(f"{name}={value!r}: use one of {list(allowed)}.")
   ambiguity.get(config.stage1.ambiguity)
+  for domain in list(config.data.domains) + list(config.teacher_domains.values()):
+    data.in_domain(np.zeros((1, 1, 1, 1)), domain)
   for arch in (config.models.teacher, config.models.student):
     models.create(arch, 1, dtype=config.models.dtype)
 
 
 def _check_stackable(plan: tasks.AmalgamationPlan):
-  """Teachers train and run as one stack, and so do the components: for now that
-  needs equal label-space sizes and equal part sizes."""
+  """The pool's teachers train and run as one stack: for now that needs label sets
+  of one size."""
   sizes = {name: space.num_outputs for name, space in plan.label_spaces.items()}
   if len(set(sizes.values())) > 1:
     raise ValueError(f"Teachers have label sets of different sizes {sizes}; one stack "
                      "needs one size: give every teacher as many classes.")
-  if len(set(plan.head_sizes)) > 1:
-    raise ValueError(f"Target parts have different sizes {plan.head_sizes}; the "
-                     "components form one stack: give every part as many classes.")
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> Run:
@@ -240,16 +353,20 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> R
   if unknown:
     raise ValueError(f"Teacher classes {unknown} are not classes of dataset "
                      f"{config.data.name!r} {list(dataset.class_names)}: fix the teachers' label sets.")
+  strangers = sorted(set(config.teacher_domains) - set(spaces))
+  if strangers:
+    raise ValueError(f"teacher_domains names {strangers}, which are not teachers "
+                     f"{sorted(spaces)}: fix the names.")
   plan = tasks.make_plan(config.target.parts, spaces)
   _check_stackable(plan)
   train_indices, test_indices = data.stratified_split(
       dataset.labels, config.data.test_fraction, config.seed)
+  images, domains = data.mix_domains(dataset.images, tuple(config.data.domains), config.seed)
   # The workdir is touched only once the config has passed every check above.
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  writer = SummaryWriter(str(workdir / "tensorboard"))
-  return Run(config, workdir, dataset, train_indices, test_indices, plan, writer,
-             tuple(train_stages))
+  return Run(config, workdir, dataset, images, domains, train_indices, test_indices, plan,
+             train.MetricLog(workdir), tuple(train_stages))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -278,15 +395,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     pool_teachers = timed("teachers", train_teachers, run)
     if last < STAGES.index("stage1"):
       return None
-    components = timed("stage1", amalgamate_groups, run, pool_teachers)
+    components = []
+    if config.pipeline == "two_stage":
+      components = timed("stage1", amalgamate_groups, run, pool_teachers)
     if last < STAGES.index("stage2"):
       return None
-    student, spec = timed("stage2", amalgamate_components, run, components)
+    student = None
+    if config.pipeline != "ensemble":
+      student = timed("stage2", train_student, run, pool_teachers, components)
     if last < STAGES.index("evaluate"):
       return None
-    result = timed("evaluate", evaluate_all, run, pool_teachers, components, student, spec)
+    result = timed("evaluate", evaluate_all, run, pool_teachers, components, student)
   finally:
-    run.writer.close()
+    run.log.close()
+  result["pipeline"] = config.pipeline
   result["timings"] = timings
   report.write(result, workdir)
   return result

@@ -1,4 +1,6 @@
-"""The stage losses and the pmapped step on tiny networks, on 8 simulated devices."""
+"""The amalgamation loss and the pmapped step on tiny networks, on 8 simulated devices."""
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -26,24 +28,38 @@ def _teacher_stack(tiny, confidences):
   return module, teachers.stack_variables(stack)
 
 
-def _stage1(tiny, confidences):
+def _state(spec, frozen, optimizer, seed=7):
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), frozen)
+  return jax.jit(lambda: train.create_state(
+      amalgamate.init(spec, jax.random.key(seed, impl="rbg"), shapes, IMAGES[:1]),
+      optimizer, 6))()
+
+
+def _stage1(tiny, confidences, **overrides):
+  """A component (3 classes) from K teachers that know the part at logits 0-2."""
   module, stack = _teacher_stack(tiny, confidences)
-  spec = amalgamate.Stage1(
-      component=models.create(tiny.models.teacher, 3, tiny.models.teacher_width_scale),
-      teacher=module, bridge_widths=tuple(tiny.stage1.bridge_widths))
-  frozen = {"teachers": stack, "index": np.array([[0, 1, 2], [0, 1, 2]], np.int32)}
-  state = jax.jit(lambda: train.create_state(
-      amalgamate.init_stage1(spec, jax.random.key(7, impl="rbg"), stack, IMAGES[:1]),
-      tiny.stage1.optimizer, tiny.stage1.steps))()
-  return spec, frozen, state
+  spec = amalgamate.Amalgamation(
+      net=models.create(tiny.models.teacher, 3, tiny.models.teacher_width_scale),
+      frozen_net=module, head_sizes=(3,), bridge_widths=tuple(tiny.stage1.bridge_widths),
+      **overrides)
+  index = np.tile(np.arange(3, dtype=np.int32), (len(confidences), 1))
+  frozen = {"groups": {"0": {"nets": stack, "index": index}}}
+  return spec, frozen, _state(spec, frozen, tiny.stage1.optimizer)
 
 
-def _run(step, state, frozen, images, devices):
-  """One step on `devices` with the global batch split over them."""
-  batch = {"image": images.reshape((len(devices), -1) + images.shape[1:])}
-  new, metrics = step(replicate(state, devices), replicate(frozen, devices),
-                      batch)
+def _run(step, state, frozen, images, devices, keys=None, **extra):
+  """One step on `devices` with the global batch split over them (`keys`: one raw
+  PRNG key per device)."""
+  batch = {"image": images, **extra}
+  batch = {k: v.reshape((len(devices), -1) + v.shape[1:]) for k, v in batch.items()}
+  if keys is not None:
+    batch["key"] = keys
+  new, metrics = step(replicate(state, devices), replicate(frozen, devices), batch)
   return jax.device_get(unreplicate(new)), jax.device_get(unreplicate(metrics))
+
+
+def _step(spec, loss=amalgamate.amalgamation_loss):
+  return train.train_step(loss, spec)
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +67,16 @@ def stage1(tiny):
   return _stage1(tiny, confidences=(50.0, 0.0))  # teacher 0 sure, teacher 1 uniform
 
 
-counted_stage1_loss = chex.assert_max_traces(amalgamate.stage1_loss, n=1)
+counted_loss = chex.assert_max_traces(amalgamate.amalgamation_loss, n=1)
 
 
 def test_step_on_8_devices_equals_step_on_1_device(stage1):
   spec, frozen, state = stage1
   devices = jax.local_devices()
   assert len(devices) == 8
-  on_8, metrics_8 = _run(train.train_step(counted_stage1_loss, spec), state, frozen,
-                         IMAGES, devices)
-  on_1, metrics_1 = _run(train.train_step(amalgamate.stage1_loss, spec, tuple(devices[:1])),
+  on_8, metrics_8 = _run(_step(spec, counted_loss), state, frozen, IMAGES, devices)
+  on_1, metrics_1 = _run(train.train_step(amalgamate.amalgamation_loss, spec,
+                                          tuple(devices[:1])),
                          state, frozen, IMAGES, devices[:1])
   chex.assert_trees_all_close(on_8.params, on_1.params, atol=1e-6, rtol=1e-5)
   chex.assert_trees_all_close(on_8.batch_stats, on_1.batch_stats, atol=1e-6, rtol=1e-5)
@@ -72,62 +88,103 @@ def test_step_on_8_devices_equals_step_on_1_device(stage1):
 
 def test_step_traces_once(stage1):
   spec, frozen, state = stage1
-  step = train.train_step(counted_stage1_loss, spec)
   for seed in (1, 2):  # new data, same shapes: no new trace (chex raises if there is)
     images = np.random.default_rng(seed).uniform(size=IMAGES.shape).astype(np.float32)
-    _run(step, state, frozen, images, jax.local_devices())
+    _run(_step(spec, counted_loss), state, frozen, images, jax.local_devices())
+
+
+def _unchanged(before, after, k):
+  """Whether teacher k's entries of every [K, ...] leaf are unchanged."""
+  return all(np.array_equal(a[k], b[k]) for a, b in
+             zip(jax.tree.leaves(before), jax.tree.leaves(after)))
 
 
 def test_samples_learn_only_from_the_least_ambiguous_teacher(stage1):
   spec, frozen, state = stage1
-  new, metrics = _run(train.train_step(amalgamate.stage1_loss, spec), state, frozen,
-                      IMAGES, jax.local_devices())
-  np.testing.assert_array_equal(metrics["selected_fraction"], [1.0, 0.0])
-  assert metrics["ambiguity"][0] < metrics["ambiguity"][1]
-  np.testing.assert_allclose(metrics["ambiguity"][1], np.log(3), rtol=1e-5)  # uniform
-  before, after = state.params, new.params
-  # The unselected teacher's component-side bridges and logit scale get no gradient.
-  for old, now in zip(jax.tree.leaves(before["net_bridges"]), jax.tree.leaves(after["net_bridges"])):
-    np.testing.assert_array_equal(now[1], old[1])
-    assert not np.array_equal(now[0], old[0])
+  new, metrics = _run(_step(spec), state, frozen, IMAGES, jax.local_devices())
+  np.testing.assert_array_equal(metrics["0/selected_fraction"], [1.0, 0.0])
+  assert metrics["0/ambiguity"][0] < metrics["0/ambiguity"][1]
+  np.testing.assert_allclose(metrics["0/ambiguity"][1], np.log(3), rtol=1e-5)  # uniform
+  before, after = state.params["groups"]["0"], new.params["groups"]["0"]
+  # The unselected teacher's network-side bridges and logit scale get no gradient.
+  assert _unchanged(before["net_bridges"], after["net_bridges"], 1)
+  assert not _unchanged(before["net_bridges"], after["net_bridges"], 0)
   assert after["logit_scale"][1] == before["logit_scale"][1]
   assert after["logit_scale"][0] != before["logit_scale"][0]
 
 
 def test_selection_follows_the_teachers_not_their_order(tiny):
   spec, frozen, state = _stage1(tiny, confidences=(0.0, 50.0))
-  _, metrics = _run(train.train_step(amalgamate.stage1_loss, spec), state, frozen,
-                    IMAGES, jax.local_devices())
-  np.testing.assert_array_equal(metrics["selected_fraction"], [0.0, 1.0])
+  _, metrics = _run(_step(spec), state, frozen, IMAGES, jax.local_devices())
+  np.testing.assert_array_equal(metrics["0/selected_fraction"], [0.0, 1.0])
 
 
-def test_stage1_loss_is_the_masked_sum_of_feature_and_logit_terms(stage1):
+def test_no_selection_teaches_with_every_teacher(stage1):
   spec, frozen, state = stage1
-  loss_fn = jax.pmap(lambda p, s, f, b: amalgamate.stage1_loss(spec, p, s, f, b),
-                     axis_name=train.AXIS, devices=jax.local_devices()[:1])
-  replicated = [replicate(t, jax.local_devices()[:1])
-                for t in (state.params, state.batch_stats, frozen)]
+  spec = dataclasses.replace(spec, selection="none")
+  new, metrics = _run(_step(spec), state, frozen, IMAGES, jax.local_devices())
+  np.testing.assert_allclose(metrics["0/selected_fraction"], [0.5, 0.5])
+  for k in (0, 1):
+    assert not _unchanged(state.params["groups"]["0"]["net_bridges"],
+                          new.params["groups"]["0"]["net_bridges"], k)
+
+
+def test_oracle_follows_the_labels(stage1):
+  spec, frozen, state = stage1
+  spec = dataclasses.replace(spec, selection="oracle")
+  # Teacher 1 is uniform (argmax 0 everywhere): label 0 makes it right; where teacher
+  # 0 is right as well, the less ambiguous teacher 0 wins.
+  teacher0 = jax.device_get(teachers.stacked_apply(
+      spec.frozen_net, jax.tree.map(lambda a: a[:1], frozen["groups"]["0"]["nets"]),
+      IMAGES).logits[0, :, :3].argmax(-1))
+  labels = np.zeros(BATCH, np.int32)
+  _, metrics = _run(_step(spec), state, frozen, IMAGES, jax.local_devices(), label=labels)
+  expected = np.mean(teacher0 == 0)
+  np.testing.assert_allclose(metrics["0/selected_fraction"], [expected, 1 - expected],
+                             atol=1e-6)
+
+
+def test_random_rule_draws_from_the_batch_key(stage1):
+  spec, frozen, state = stage1
+  spec = dataclasses.replace(spec, selection="random")
+  keys = np.random.default_rng(0).integers(0, 2**32, size=(8, 2), dtype=np.uint32)
+  _, metrics = _run(_step(spec), state, frozen, IMAGES, jax.local_devices(), keys=keys)
+  assert 0.0 < metrics["0/selected_fraction"][0] < 1.0
+  np.testing.assert_allclose(np.sum(metrics["0/selected_fraction"]), 1.0, rtol=1e-6)
+
+
+def test_loss_is_the_weighted_sum_of_feature_and_logit_terms(stage1):
+  spec, frozen, state = stage1
+  devices = jax.local_devices()[:1]
+  loss_fn = jax.pmap(lambda p, s, f, b: amalgamate.amalgamation_loss(spec, p, s, f, b),
+                     axis_name=train.AXIS, devices=devices)
+  replicated = [replicate(t, devices) for t in (state.params, state.batch_stats, frozen)]
   loss, (metrics, _) = jax.device_get(loss_fn(*replicated, {"image": IMAGES[None]}))
   np.testing.assert_allclose(
-      loss[0], metrics["feature_loss"][0] + metrics["logit_loss"][0]
-      + spec.weight_norm * metrics["weight_norm"][0], rtol=1e-6)
-  assert metrics["weight_norm"][0] > 0  # fresh bridge rows are not unit norm
+      loss[0], metrics["0/feature_loss"][0] + metrics["0/logit_loss"][0]
+      + spec.weight_norm * metrics["0/weight_norm"][0], rtol=1e-6)
+  assert metrics["0/weight_norm"][0] > 0  # fresh bridge rows are not unit norm
 
 
-def test_student_head_g_regresses_component_g(tiny):
+def test_student_head_g_learns_from_group_g_only(tiny):
+  """Stage 2: one frozen component per group; with group 1's logit scale at zero,
+  head 1 gets no logit gradient while head 0 does."""
   component = models.create(tiny.models.teacher, 3, tiny.models.teacher_width_scale)
   init = jax.jit(lambda key: component.init(key, IMAGES[:1], train=False))
-  components = teachers.stack_variables([init(jax.random.key(k, impl="rbg")) for k in (0, 1)])
-  spec = amalgamate.Stage2(
-      student=models.create(tiny.models.student, 6, tiny.models.student_width_scale),
-      component=component, component_widths=component.widths)
-  variables = amalgamate.init_stage2(spec, jax.random.key(3, impl="rbg"), 2, IMAGES[:1])
-  variables["params"]["logit_scale"] = jnp.array([1.0, 0.0])  # head 1 sees no logit loss
-  state = jax.jit(lambda v: train.create_state(v, tiny.stage2.optimizer, 6))(variables)
-  new, metrics = _run(train.train_step(amalgamate.stage2_loss, spec), state,
-                      {"components": components}, IMAGES, jax.local_devices())
+  spec = amalgamate.Amalgamation(
+      net=models.create(tiny.models.student, 6, tiny.models.student_width_scale),
+      frozen_net=component, head_sizes=(3, 3), bridge_widths=component.widths,
+      frozen_bridges=False)
+  frozen = {"groups": {str(g): {"nets": teachers.stack_variables([init(jax.random.key(g, impl="rbg"))]),
+                                "index": np.arange(3, dtype=np.int32)[None]} for g in (0, 1)}}
+  state = _state(spec, frozen, tiny.stage2.optimizer, seed=3)
+  state = state.replace(params={**state.params, "groups": {
+      "0": state.params["groups"]["0"],
+      "1": {**state.params["groups"]["1"], "logit_scale": jnp.zeros(1)}}})
+  new, metrics = _run(_step(spec), state, frozen, IMAGES, jax.local_devices())
   kernel_before = state.params["net"]["head"]["kernel"]
   kernel_after = new.params["net"]["head"]["kernel"]
   assert not np.array_equal(kernel_after[:, :3], kernel_before[:, :3])
   np.testing.assert_array_equal(kernel_after[:, 3:], kernel_before[:, 3:])
-  assert np.isfinite(metrics["loss"]) and metrics["feature_loss"] > 0
+  assert "frozen_bridges" not in new.params["groups"]["0"]
+  assert metrics["0/weight_norm"] == 0.0 and metrics["1/feature_loss"] > 0

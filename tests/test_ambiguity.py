@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -63,3 +64,50 @@ def test_select_picks_least_ambiguous_with_ties_to_lowest_k():
 def test_unknown_measure_names_the_choices():
   with pytest.raises(ValueError, match="entropy.*margin.*max_prob"):
     ambiguity.get("variance")
+
+
+AMB = jnp.array([[0.2, 0.9, 0.5],
+                 [0.7, 0.1, 0.5]])  # [K=2, B=3]
+
+
+def test_least_rule_is_select():
+  np.testing.assert_array_equal(ambiguity.weights("least", AMB),
+                                [[1, 0], [0, 1], [1, 0]])
+
+
+def test_none_rule_weighs_every_teacher_equally():
+  np.testing.assert_allclose(ambiguity.weights("none", AMB), np.full((3, 2), 0.5))
+
+
+def test_soft_rule_is_a_softmax_of_negative_ambiguity_over_teachers():
+  got = ambiguity.weights("soft", AMB, temperature=0.5)
+  expected = special.softmax(-np.asarray(AMB) / 0.5, axis=0).T
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  sharp = ambiguity.weights("soft", AMB, temperature=1e-3)  # T -> 0: the least rule
+  np.testing.assert_allclose(sharp[:2], [[1, 0], [0, 1]], atol=1e-6)
+
+
+def test_oracle_rule_prefers_right_teachers_then_the_least_ambiguous():
+  correct = jnp.array([[False, True, True],
+                       [True, True, False]])
+  # sample 0: only teacher 1 is right although teacher 0 is surer; sample 1: both
+  # right, teacher 1 surer; sample 2: only teacher 0 right.
+  np.testing.assert_array_equal(ambiguity.weights("oracle", AMB, correct=correct),
+                                [[0, 1], [0, 1], [1, 0]])
+  nobody = jnp.zeros_like(correct)  # no teacher right: fall back to the least rule
+  np.testing.assert_array_equal(ambiguity.weights("oracle", AMB, correct=nobody),
+                                ambiguity.weights("least", AMB))
+
+
+def test_random_rule_is_one_hot_seeded_and_covers_every_teacher():
+  amb = jnp.zeros((3, 600))
+  a = ambiguity.weights("random", amb, key=jax.random.key(0))
+  b = ambiguity.weights("random", amb, key=jax.random.key(0))
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(a.sum(axis=1), 1.0)
+  assert np.all(np.abs(a.mean(axis=0) - 1 / 3) < 0.08)
+
+
+def test_unknown_rule_names_the_choices():
+  with pytest.raises(ValueError, match="least.*none.*oracle.*random.*soft"):
+    ambiguity.weights("best", AMB)

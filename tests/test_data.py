@@ -52,3 +52,27 @@ def test_shard_splits_the_leading_axis_or_names_the_fix():
   assert data.shard(np.zeros((16, 3)), 8).shape == (8, 2, 3)
   with pytest.raises(ValueError, match="divisible by 8"):
     data.shard(np.zeros((12, 3)), 8)
+
+
+def test_domains_transform_images_and_keep_their_shape():
+  images = np.random.default_rng(0).uniform(size=(5, 8, 8, 1)).astype(np.float32)
+  np.testing.assert_array_equal(data.in_domain(images, "original"), images)
+  np.testing.assert_allclose(data.in_domain(images, "inverted"), 1 - images)
+  np.testing.assert_array_equal(data.in_domain(images, "rotated")[:, 0], images[:, :, -1])
+  shuffled = data.in_domain(images, "shuffled")
+  assert shuffled.shape == images.shape and not np.array_equal(shuffled, images)
+  # One fixed permutation: every image keeps its pixels, all moved the same way.
+  np.testing.assert_array_equal(np.sort(shuffled.reshape(5, -1)), np.sort(images.reshape(5, -1)))
+  np.testing.assert_array_equal(data.in_domain(images[:2], "shuffled"), shuffled[:2])
+  with pytest.raises(ValueError, match="Unknown image domain 'sepia'"):
+    data.in_domain(images, "sepia")
+
+
+def test_mixed_domains_are_seeded_and_balanced():
+  images = np.random.default_rng(0).uniform(size=(400, 8, 8, 1)).astype(np.float32)
+  mixed, assigned = data.mix_domains(images, ("original", "inverted"), seed=1)
+  again, _ = data.mix_domains(images, ("original", "inverted"), seed=1)
+  np.testing.assert_array_equal(mixed, again)
+  assert 0.4 < assigned.mean() < 0.6
+  np.testing.assert_array_equal(mixed[assigned == 0], images[assigned == 0])
+  np.testing.assert_allclose(mixed[assigned == 1], 1 - images[assigned == 1])

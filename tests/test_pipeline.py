@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from kamal_jax import pipeline, train
+import ml_collections
+
+from kamal_jax import bench, pipeline, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -119,3 +121,45 @@ def test_a_refused_config_leaves_the_workdir_untouched(tiny, tmp_path):
   with pytest.raises(ValueError, match="group is empty"):
     pipeline.train_and_evaluate(bad, str(tmp_path / "new"))
   assert not (tmp_path / "new").exists()
+
+
+def test_every_variant_runs_through_one_pipeline_and_report(tiny, tmp_path):
+  config = tiny.copy_and_resolve_references()
+  config.data.domains = ("original", "shuffled")
+  config.teacher_domains = ml_collections.ConfigDict(
+      dict(t1="original", t2="shuffled", t3="original", t4="shuffled"))
+  reports = {v: r[0] for v, r in bench.run(config, list(bench.VARIANTS), [0],
+                                           tmp_path).items()}
+  teacher_params = reports["least-entropy"]["teachers"][0]["params"]
+  for variant, result in reports.items():
+    assert result["timings"].keys() >= {"evaluate"}, variant
+    trained_teachers = "teachers" in result["timings"]
+    assert trained_teachers == (variant == "least-entropy"), variant  # shared after
+    has_components = result["pipeline"] == "two_stage"
+    assert all((c["accuracy"] is not None) == has_components
+               for c in result["components"]), variant
+    for c in result["components"]:
+      assert sum(c["selected_fraction"].values()) == pytest.approx(1.0)
+      assert 0.0 <= c["test_selection"]["selected_own_domain"] <= 1.0
+  ensemble = reports["ensemble"]["student"]
+  assert ensemble["inference_forwards"] == 4 and ensemble["params"] == 4 * teacher_params
+  for c in reports["none"]["components"]:
+    assert list(c["selected_fraction"].values()) == pytest.approx([0.5, 0.5])
+  assert (reports["supervised"]["student"]["params"]
+          == reports["least-entropy"]["student"]["params"])
+
+  out = tmp_path / "table.md"
+  bench.write(bench.run(config, ["least-entropy", "none"], [0], tmp_path), [0], out, "# t")
+  text = out.read_text()
+  assert "| least-entropy |" in text and "| none |" in text and "+-" in text
+  assert out.with_suffix(".png").exists()
+  per_seed = json.loads(out.with_suffix(".json").read_text())
+  assert per_seed["none"]["0"]["student joint"] == reports["none"]["student"]["accuracy_joint"]
+
+
+def test_report_plots_are_written_and_embedded(finished):
+  workdir, _ = finished
+  text = (workdir / "report.md").read_text()
+  for name in ("loss.png", "selection.png", "accuracy.png"):
+    assert (workdir / name).stat().st_size > 1000
+    assert f"]({name})" in text

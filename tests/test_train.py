@@ -1,11 +1,12 @@
 """The shared loop: exact resume, refusal to checkpoint non-finite losses, optimizers."""
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import pytest
-from tensorboardX import SummaryWriter
 
 from kamal_jax import models, teachers, train
 
@@ -38,10 +39,15 @@ def setup(tiny):
 
 def _fit(setup, directory, batch_fn=None, steps=6):
   module, default_batch_fn, make_state = setup
-  with SummaryWriter(str(directory / "tb")) as writer:
+  directory.mkdir(parents=True, exist_ok=True)
+  log = train.MetricLog(directory)
+  try:
     return train.fit("teachers", directory / "ckpt", make_state, teachers.supervised_loss,
                      module, None, batch_fn or default_batch_fn,
-                     train.Schedule(steps, log_every=1, checkpoint_every=2), writer)
+                     train.Schedule(steps, log_every=1, checkpoint_every=2), log,
+                     labels={"": ("a", "b", "c", "d")})
+  finally:
+    log.close()
 
 
 def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(setup, tmp_path):
@@ -91,6 +97,9 @@ def test_non_finite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(setu
   with pytest.raises(train.NonFiniteLossError, match="'teachers'.*step 4"):
     _fit(setup, tmp_path, nan_from_3)
   assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2"]
+  logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in logged] == [1, 2, 3]  # the bad step is not logged
+  assert set(logged[0]["accuracy"]) == {"a", "b", "c", "d"}
 
 
 def test_checkpoints_must_follow_a_finiteness_check():

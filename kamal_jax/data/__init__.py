@@ -40,6 +40,40 @@ def load(name: str, data_dir: str = "") -> LabeledImages:
   return LabeledImages(images, labels, tuple(builder.info.features["label"].names))
 
 
+# Image domains for teachers "optimized for different datasets": each maps a batch
+# [N, H, W, C] of images in [0, 1] to its copy in that domain.
+def _shuffled(images: np.ndarray) -> np.ndarray:
+  """Pixels moved by one fixed permutation: every image keeps its intensities."""
+  n, h, w, c = images.shape
+  order = np.random.default_rng(0).permutation(h * w)
+  return images.reshape(n, h * w, c)[:, order].reshape(n, h, w, c)
+
+
+DOMAINS = {
+    "original": lambda x: x,
+    "inverted": lambda x: 1.0 - x,
+    "rotated": lambda x: np.rot90(x, 1, axes=(1, 2)),
+    "flipped": lambda x: x[:, :, ::-1],
+    "shuffled": _shuffled,
+}
+
+
+def in_domain(images: np.ndarray, domain: str) -> np.ndarray:
+  if domain not in DOMAINS:
+    raise ValueError(f"Unknown image domain {domain!r}: use one of {sorted(DOMAINS)}.")
+  return np.ascontiguousarray(DOMAINS[domain](images))
+
+
+def mix_domains(images: np.ndarray, domains, seed: int):
+  """Each image in one of `domains`, drawn uniformly with the seed: the mixed images
+  and each one's domain index [N]."""
+  assigned = stream_rng(seed, "domains").integers(len(domains), size=len(images))
+  mixed = images.copy()
+  for d, domain in enumerate(domains):
+    mixed[assigned == d] = in_domain(images[assigned == d], domain)
+  return mixed, assigned
+
+
 def stream_rng(seed: int, stream: str, *counters: int) -> np.random.Generator:
   """A NumPy generator determined by the seed, a stream name and counters."""
   return np.random.default_rng([seed, zlib.crc32(stream.encode()), *counters])

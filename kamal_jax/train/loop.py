@@ -5,13 +5,15 @@ whose latest checkpoint is at its last step is finished: it is restored, never
 trained again.
 """
 import dataclasses
+import json
 from pathlib import Path
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
+from tensorboardX import SummaryWriter
 
 from kamal_jax.train.state import TrainState
 from kamal_jax.train.step import replicate, train_step, unreplicate
@@ -62,9 +64,37 @@ def restore_finished(directory: Path, make_state: Callable[[], TrainState],
     return _restore(manager, num_steps, make_state)
 
 
-def _log(writer, name: str, step: int, history: list, axis_labels: Sequence[str]):
-  """Means of the metrics since the last log; vector metrics ([K]) are written per
-  entry of `axis_labels` (teacher or component names)."""
+class MetricLog:
+  """Metric means per stage and step, to TensorBoard event files (tensorboardX) and
+  to metrics.jsonl, which the report's plots read.
+
+  A vector metric ([K], one entry per teacher or component) named 'prefix/name' is
+  written per entry, under the names `labels[prefix]`.
+  """
+
+  def __init__(self, workdir: Path):
+    self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+    self.path = workdir / "metrics.jsonl"
+
+  def write(self, stage: str, step: int, means: dict, labels: Mapping[str, Sequence[str]]):
+    record = {"stage": stage, "step": step}
+    for key, value in means.items():
+      if np.ndim(value) == 0:
+        record[key] = float(value)
+        self.tensorboard.add_scalar(f"{stage}/{key}", record[key], step)
+      else:
+        record[key] = dict(zip(labels[key.rpartition("/")[0]], map(float, value)))
+        for label, v in record[key].items():
+          self.tensorboard.add_scalar(f"{stage}/{key}/{label}", v, step)
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+
+  def close(self):
+    self.tensorboard.close()
+
+
+def _log(log: MetricLog, name: str, step: int, history: list, labels):
+  """Writes the means of the metrics since the last log, once they are checked."""
   history = jax.device_get(history)  # replicated: [devices, ...] per metric
   means = jax.tree.map(lambda *xs: np.mean(np.stack(xs)[:, 0], axis=0), *history)
   if not np.isfinite(means["loss"]):
@@ -72,23 +102,20 @@ def _log(writer, name: str, step: int, history: list, axis_labels: Sequence[str]
         f"Stage {name!r}: non-finite loss {means['loss']} at step {step}; no "
         "checkpoint was written after the last good one. Lower the learning rate "
         "or check the inputs, then run again to resume from the last checkpoint.")
-  for key, value in means.items():
-    if np.ndim(value) == 0:
-      writer.add_scalar(f"{name}/{key}", float(value), step)
-    else:
-      for label, v in zip(axis_labels, value):
-        writer.add_scalar(f"{name}/{key}/{label}", float(v), step)
+  log.write(name, step, means, labels)
   return means
 
 
 def fit(name: str, directory: Path, make_state: Callable[[], TrainState],
         loss_fn: Callable, spec: Hashable, frozen, batch_fn: Callable[[int], dict],
-        schedule: Schedule, writer, axis_labels: Sequence[str] = ()) -> TrainState:
+        schedule: Schedule, log: MetricLog,
+        labels: Mapping[str, Sequence[str]]) -> TrainState:
   """Trains a stage to `schedule.num_steps` and returns its final (host) state.
 
   Resumes from the latest checkpoint in `directory`; `batch_fn(step)` must be a pure
   function of the step (sharded for the local devices), so a resumed run sees the
-  same batches as an uninterrupted one.
+  same batches as an uninterrupted one. `labels` names the entries of vector metrics
+  (see MetricLog).
   """
   with _manager(directory) as manager:
     start = manager.latest_step() or 0
@@ -107,7 +134,7 @@ def fit(name: str, directory: Path, make_state: Callable[[], TrainState],
       done = step + 1
       last = done == schedule.num_steps
       if done % schedule.log_every == 0 or last:
-        means = _log(writer, name, done, history, axis_labels)
+        means = _log(log, name, done, history, labels)
         bar.set_postfix(loss=f"{means['loss']:.4f}")
         history = []
       if done % schedule.checkpoint_every == 0 or last:

@@ -1,0 +1,155 @@
+"""Seeded benchmark tables: variants of the method and its baselines, over seeds.
+
+Every variant is the same config with a few overrides, run through the same
+pipeline and report; a table cell is the mean +- std over seeds of numbers read from
+each run's report.json. Within one seed all variants share the teachers (they are
+trained once and their checkpoints copied), so variants differ only downstream.
+"""
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from kamal_jax import pipeline, report
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  overrides: dict
+  note: str = ""
+
+
+VARIANTS = {
+    "least-entropy": Variant({}, "the method"),
+    "least-margin": Variant({"stage1.ambiguity": "margin"}),
+    "least-max-prob": Variant({"stage1.ambiguity": "max_prob"}),
+    "none": Variant({"stage1.selection": "none"}, "every teacher, equal weights"),
+    "random": Variant({"stage1.selection": "random"}, "one random teacher per sample"),
+    "soft": Variant({"stage1.selection": "soft"}, "weights softmax(-entropy / T)"),
+    "oracle": Variant({"stage1.selection": "oracle"}, "upper bound: uses labels"),
+    "single-stage": Variant({"pipeline": "single_stage"}, "no components"),
+    "kd-logits": Variant({"pipeline": "single_stage", "stage1.selection": "none",
+                          "stage1.feature_weight": 0.0, "stage1.logit_loss": "kd"},
+                         "multi-teacher KD of logits, no bridges"),
+    "ensemble": Variant({"pipeline": "ensemble"}, "the teachers themselves, K forwards"),
+    "supervised": Variant({"pipeline": "supervised"}, "upper bound: uses labels"),
+}
+
+COLUMNS = {  # column -> how to read it from a report
+    "teachers": lambda r: np.mean([t["accuracy"] for t in r["teachers"] if t["accuracy"] is not None]),
+    "components": lambda r: _mean_or_none([c["accuracy"] for c in r["components"]]),
+    "student per part": lambda r: np.mean(list(r["student"]["accuracy_per_part"].values())),
+    "student joint": lambda r: r["student"]["accuracy_joint"],
+    "target accuracy": lambda r: np.mean([c["test_selection"]["target_accuracy"]
+                                          for c in r["components"]]),
+    "own-domain weight": lambda r: np.mean([c["test_selection"]["selected_own_domain"]
+                                            for c in r["components"]]),
+    "params": lambda r: r["student"]["params"],
+    "seconds": lambda r: sum(v for k, v in r["timings"].items() if k != "teachers"),
+}
+
+
+def _mean_or_none(values):
+  return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def configure(base: ml_collections.ConfigDict, variant: str, seed: int):
+  if variant not in VARIANTS:
+    raise ValueError(f"Unknown variant {variant!r}: use some of {list(VARIANTS)}.")
+  config = ml_collections.ConfigDict(base.to_dict())
+  config.seed = seed
+  for path, value in VARIANTS[variant].overrides.items():
+    *parents, leaf = path.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return config
+
+
+def run(base: ml_collections.ConfigDict, variants, seeds, workdir: Path) -> dict:
+  """Runs every (variant, seed) once (finished runs are reused) and returns
+  {variant: {seed: report}}."""
+  reports = {v: {} for v in variants}
+  for seed in seeds:
+    teachers_dir = None
+    for variant in variants:
+      directory = workdir / f"seed{seed}" / variant
+      if teachers_dir and not (directory / "checkpoints" / "teachers").exists():
+        shutil.copytree(teachers_dir, directory / "checkpoints" / "teachers")
+      start = time.perf_counter()
+      reports[variant][seed] = pipeline.train_and_evaluate(
+          configure(base, variant, seed), str(directory))
+      print(f"seed {seed} {variant}: joint {reports[variant][seed]['student']['accuracy_joint']:.4f} "
+            f"({time.perf_counter() - start:.0f} s)", flush=True)
+      teachers_dir = directory / "checkpoints" / "teachers"
+  return reports
+
+
+def aggregate(reports: dict) -> dict:
+  """{variant: {column: (mean, std) or None}} over seeds."""
+  table = {}
+  for variant, by_seed in reports.items():
+    table[variant] = {}
+    for column, read in COLUMNS.items():
+      values = [read(r) for r in by_seed.values()]
+      table[variant][column] = None if any(v is None for v in values) else (
+          float(np.mean(values)), float(np.std(values)))
+  return table
+
+
+def markdown(table: dict, seeds) -> str:
+  def cell(stat, column):
+    if stat is None:
+      return "-"
+    mean, std = stat
+    if column == "params":
+      return f"{mean:,.0f}"
+    if column == "seconds":
+      return f"{mean:.0f} +- {std:.0f}"
+    return f"{mean:.4f} +- {std:.4f}"
+  header = ["variant", *COLUMNS, "note"]
+  rows = [[v, *[cell(stats[c], c) for c in COLUMNS], VARIANTS[v].note]
+          for v, stats in table.items()]
+  return (f"Mean +- std over {len(seeds)} seeds {list(seeds)}; accuracies on the "
+          "held-out test split.\n\n" + report.table(header, rows))
+
+
+def plot(table: dict, path: Path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  columns = ("components", "student per part", "student joint")
+  variants = list(table)
+  fig, ax = plt.subplots(figsize=(max(6, len(variants) * 0.9), 4))
+  width = 0.8 / len(columns)
+  for j, column in enumerate(columns):
+    shown = [(i, table[v][column]) for i, v in enumerate(variants) if table[v][column]]
+    ax.bar([i + (j - 1) * width for i, _ in shown], [s[0] for _, s in shown], width,
+           yerr=[s[1] for _, s in shown], capsize=3, label=column)
+  lowest = min(table[v][c][0] for v in variants for c in columns if table[v][c])
+  ax.set(xticks=range(len(variants)), ylabel="test accuracy",
+         ylim=(max(0.0, lowest - 0.05), 1.0), title="Accuracy per variant (mean, std over seeds)")
+  ax.set_xticklabels(variants, rotation=30, ha="right")
+  ax.legend(fontsize="small")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def per_seed(reports: dict) -> dict:
+  """The numbers behind every cell: {variant: {seed: {column: value}}}."""
+  return {v: {s: {c: COLUMNS[c](r) for c in COLUMNS} for s, r in by_seed.items()}
+          for v, by_seed in reports.items()}
+
+
+def write(reports: dict, seeds, out: Path, header: str):
+  table = aggregate(reports)
+  plot(table, out.with_suffix(".png"))
+  out.with_suffix(".json").write_text(json.dumps(per_seed(reports), indent=1, default=float) + "\n")
+  out.write_text(f"{header}\n\n{markdown(table, seeds)}\n\n![accuracy per variant]"
+                 f"({out.with_suffix('.png').name})\n")
