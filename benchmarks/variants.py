@@ -23,8 +23,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kamal_jax import bench
-from kamal_jax.main import enable_compilation_cache
+from kamal_jax import bench, pipeline
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (get_config()).")
@@ -38,9 +37,10 @@ flags.mark_flags_as_required(["config", "workdir", "out"])
 
 
 def main(argv):
+  del argv
   logging.set_verbosity(logging.WARNING)
   if FLAGS.compilation_cache:
-    enable_compilation_cache(FLAGS.compilation_cache)
+    pipeline.enable_compilation_cache(FLAGS.compilation_cache)
   seeds = [int(s) for s in FLAGS.seeds]
   start = time.perf_counter()
   reports = bench.run(FLAGS.config, FLAGS.variants, seeds, Path(FLAGS.workdir))
@@ -50,7 +50,7 @@ def main(argv):
   header = "\n".join([
       f"# {Path(FLAGS.out).stem}: variants over seeds",
       "",
-      f"Command: `python {' '.join(argv)}`  ",
+      f"Command: `python {' '.join(sys.argv)}`  ",
       f"Date: {datetime.date.today()}; wall time {minutes:.1f} min for the whole table.  ",
       f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
       f"{jax.devices()[0].device_kind}; Python {sys.version.split()[0]}, jax "

@@ -39,22 +39,30 @@ VARIANTS = {
     "supervised": Variant({"pipeline": "supervised"}, "upper bound: uses labels"),
 }
 
-COLUMNS = {  # column -> how to read it from a report
+def _selection(key: str):
+  """A selection statistic on the parts' test images, where the pipeline selects."""
+  def read(r):
+    if r["pipeline"] not in ("two_stage", "single_stage"):
+      return None
+    return float(np.mean([c["test_selection"][key] for c in r["components"]]))
+  return read
+
+
+def _components(r):
+  values = [c["accuracy"] for c in r["components"]]
+  return None if any(v is None for v in values) else float(np.mean(values))
+
+
+COLUMNS = {  # column -> how to read it from a report (None: not applicable)
     "teachers": lambda r: np.mean([t["accuracy"] for t in r["teachers"] if t["accuracy"] is not None]),
-    "components": lambda r: _mean_or_none([c["accuracy"] for c in r["components"]]),
+    "components": _components,
     "student per part": lambda r: np.mean(list(r["student"]["accuracy_per_part"].values())),
     "student joint": lambda r: r["student"]["accuracy_joint"],
-    "target accuracy": lambda r: np.mean([c["test_selection"]["target_accuracy"]
-                                          for c in r["components"]]),
-    "own-domain weight": lambda r: np.mean([c["test_selection"]["selected_own_domain"]
-                                            for c in r["components"]]),
+    "target accuracy": _selection("target_accuracy"),
+    "own-domain weight": _selection("selected_own_domain"),
     "params": lambda r: r["student"]["params"],
     "seconds": lambda r: sum(v for k, v in r["timings"].items() if k != "teachers"),
 }
-
-
-def _mean_or_none(values):
-  return None if any(v is None for v in values) else float(np.mean(values))
 
 
 def configure(base: ml_collections.ConfigDict, variant: str, seed: int):
@@ -116,7 +124,30 @@ def markdown(table: dict, seeds) -> str:
   rows = [[v, *[cell(stats[c], c) for c in COLUMNS], VARIANTS[v].note]
           for v, stats in table.items()]
   return (f"Mean +- std over {len(seeds)} seeds {list(seeds)}; accuracies on the "
-          "held-out test split.\n\n" + report.table(header, rows))
+          "held-out test split.\n\n" + report.table(header, rows) + "\n\n"
+          + comparison(table))
+
+
+def comparison(table: dict, method: str = "least-entropy") -> str:
+  """The method against none, random and the oracle, on components and joint accuracy:
+  the differences in units of the larger std, and the share of the none -> oracle gap
+  the method closes."""
+  if not {method, "none", "random", "oracle"} <= table.keys():
+    return ""
+  lines = []
+  for column in ("components", "student joint"):
+    if table[method][column] is None:
+      continue
+    (m, s), (o, _) = table[method][column], table["oracle"][column]
+    parts = []
+    for baseline in ("none", "random"):
+      b, bs = table[baseline][column]
+      parts.append(f"{m - b:+.4f} over {baseline} ({(m - b) / max(s, bs, 1e-12):.1f} std)")
+    gap = o - table["none"][column][0]
+    closed = f"{(m - table['none'][column][0]) / gap:.0%}" if gap > 0 else "n/a (no gap)"
+    lines.append(f"- {column}: {method} {', '.join(parts)}; closes {closed} of the "
+                 "none -> oracle gap.")
+  return "\n".join(lines)
 
 
 def plot(table: dict, path: Path):

@@ -21,19 +21,12 @@ flags.DEFINE_bool("debug", False, "Show the traceback of an error.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def enable_compilation_cache(directory: str):
-  """Caches compiled programs on disk: a rerun skips most XLA compilation."""
-  import jax
-  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-
-
 def main(argv):
   del argv
   from kamal_jax import pipeline, report, train  # after flag parsing: fast --help
   logging.set_verbosity(logging.WARNING)
   if FLAGS.compilation_cache:
-    enable_compilation_cache(FLAGS.compilation_cache)
+    pipeline.enable_compilation_cache(FLAGS.compilation_cache)
   stages = pipeline.STAGES if FLAGS.stage == "all" else (FLAGS.stage,)
   try:
     result = pipeline.train_and_evaluate(FLAGS.config, FLAGS.workdir, stages)

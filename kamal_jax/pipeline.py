@@ -30,6 +30,12 @@ class StageNotReadyError(RuntimeError):
   pass
 
 
+def enable_compilation_cache(directory: str):
+  """Caches compiled programs on disk: a rerun skips most XLA compilation."""
+  jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
 @dataclasses.dataclass
 class Run:
   """What every stage reads: the config, the data and the plan."""
@@ -95,18 +101,22 @@ def _variables(state: train.TrainState) -> dict:
   return {"params": state.params["net"], "batch_stats": state.batch_stats}
 
 
+def _labels_in(run: Run, indices: np.ndarray, classes) -> np.ndarray:
+  """The images' positions in `classes`, -1 for images of other classes."""
+  return evaluate.positions(run.dataset.labels[indices], run.dataset.class_names, classes)
+
+
+def _of_classes(run: Run, indices: np.ndarray, classes) -> np.ndarray:
+  return indices[_labels_in(run, indices, classes) >= 0]
+
+
 def _pool(run: Run, classes) -> np.ndarray:
   """The unlabeled images a stage learns from: every training image by default;
   under the reference protocol (data.pool='reference'), only those of `classes`,
   which needs the labels to pick them."""
   if run.config.data.pool == "all":
     return run.train_indices
-  names = np.array(run.dataset.class_names)[run.dataset.labels[run.train_indices]]
-  return run.train_indices[np.isin(names, classes)]
-
-
-def _labels_in(run: Run, indices: np.ndarray, classes) -> np.ndarray:
-  return evaluate.positions(run.dataset.labels[indices], run.dataset.class_names, classes)
+  return _of_classes(run, run.train_indices, classes)
 
 
 def train_supervised(run: Run, name: str, stage: str, module, label_sets: dict,
@@ -116,8 +126,7 @@ def train_supervised(run: Run, name: str, stage: str, module, label_sets: dict,
   them. The teachers of the pool are trained this way, and so is the supervised
   student."""
   names = tuple(label_sets)
-  members = [run.train_indices[_labels_in(run, run.train_indices, label_sets[n]) >= 0]
-             for n in names]
+  members = [_of_classes(run, run.train_indices, label_sets[n]) for n in names]
   x = run.images[:1]
 
   def batch_fn(step):
