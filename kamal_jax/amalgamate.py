@@ -36,7 +36,7 @@ from kamal_jax.teachers import map_stacked, stacked_apply
 class Amalgamation:
   """What a stage trains and how (static, hashable: one compiled step per value)."""
   net: nn.Module
-  frozen_net: nn.Module  # the architecture of every frozen stack
+  frozen_nets: tuple[nn.Module, ...]  # the architecture of each group's frozen stack
   head_sizes: tuple[int, ...]  # the network's heads, one per group
   bridge_widths: tuple[int, ...]  # outputs of the network-side bridges, per tap
   frozen_bridges: bool = True  # False: compare with the frozen features themselves
@@ -75,10 +75,11 @@ def _feature_mse(predicted: tuple, target: tuple) -> jnp.ndarray:
   return sum(losses.mse(p, t, batch_dims=2) for p, t in zip(predicted, target))
 
 
-def _group_loss(spec: Amalgamation, params, frozen, x, logits, feats, key, labels):
-  """One group's term: logits [B, P] and feats of the network; labels [B] (positions
+def _group_loss(spec: Amalgamation, g: int, params, frozen, x, logits, feats, key,
+                labels):
+  """Group g's term: logits [B, P] and feats of the network; labels [B] (positions
   in the part, -1 outside it) only for the oracle rule. Returns (loss, metrics)."""
-  teacher = jax.lax.stop_gradient(stacked_apply(spec.frozen_net, frozen["nets"], x))
+  teacher = jax.lax.stop_gradient(stacked_apply(spec.frozen_nets[g], frozen["nets"], x))
   target = jnp.take_along_axis(teacher.logits, frozen["index"][:, None, :], axis=-1)  # [K, B, P]
   amb = ambiguity.get(spec.ambiguity)(target)  # [K, B]
   correct = None if labels is None else jnp.argmax(target, axis=-1) == labels[None]  # [K, B]
@@ -128,7 +129,7 @@ def amalgamation_loss(spec: Amalgamation, params, batch_stats, frozen, batch):
       inside = (batch["label"] >= start) & (batch["label"] < stop)
       labels = jnp.where(inside, batch["label"] - start, -1)
     loss, group_metrics = _group_loss(
-        spec, params["groups"][str(g)], frozen["groups"][str(g)], x,
+        spec, g, params["groups"][str(g)], frozen["groups"][str(g)], x,
         net.logits[:, start:stop], net.feats,
         None if key is None else jax.random.fold_in(key, g), labels)
     total = total + loss
@@ -166,6 +167,7 @@ def init(spec: Amalgamation, key, frozen_shapes, x) -> dict:
                       "logit_scale": jnp.ones((count,))}
     if spec.frozen_bridges:
       groups[str(g)]["frozen_bridges"] = _init_bridges(
-          k_frozen_side, spec.bridge_widths, _tap_widths(spec.frozen_net, one, x), count)
+          k_frozen_side, spec.bridge_widths, _tap_widths(spec.frozen_nets[g], one, x),
+          count)
   return {"params": {"net": variables["params"], "groups": groups},
           "batch_stats": variables["batch_stats"]}

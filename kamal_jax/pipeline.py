@@ -161,14 +161,14 @@ def train_teachers(run: Run) -> teachers.TeacherStack:
                           run.config.teacher_training)
 
 
-def _amalgamation(run: Run, net, head_sizes, frozen_net, **overrides) -> amalgamate.Amalgamation:
+def _amalgamation(run: Run, net, head_sizes, frozen_nets, **overrides) -> amalgamate.Amalgamation:
   """The spec of an amalgamation stage from config.stage1's method settings."""
   cfg = run.config.stage1
   settings = dict(bridge_widths=tuple(cfg.bridge_widths), selection=cfg.selection,
                   ambiguity=cfg.ambiguity, temperature=cfg.temperature,
                   weight_norm=cfg.weight_norm, feature_weight=cfg.feature_weight,
                   logit_loss=cfg.logit_loss, kd_temperature=cfg.kd_temperature)
-  return amalgamate.Amalgamation(net=net, frozen_net=frozen_net,
+  return amalgamate.Amalgamation(net=net, frozen_nets=tuple(frozen_nets),
                                  head_sizes=tuple(head_sizes), **dict(settings, **overrides))
 
 
@@ -220,7 +220,7 @@ def amalgamate_groups(run: Run, pool_teachers: teachers.TeacherStack) -> list[di
   components = []
   for group in run.plan.groups:
     spec = _amalgamation(run, _teacher_arch(run, len(group.part.classes)),
-                         (len(group.part.classes),), pool_teachers.module)
+                         (len(group.part.classes),), (pool_teachers.module,))
     components.append(_amalgamate(
         run, f"stage1_{group.part.name}", "stage1", spec,
         _teacher_groups(pool_teachers, [group]), group.part.classes,
@@ -240,13 +240,14 @@ def train_student(run: Run, pool_teachers: teachers.TeacherStack, components) ->
                              {"student": plan.target_classes}, images_of, cfg)
     return teachers.take(stack.variables, 0)
   if run.config.pipeline == "single_stage":
-    spec = _amalgamation(run, student, plan.head_sizes, pool_teachers.module)
+    spec = _amalgamation(run, student, plan.head_sizes,
+                         (pool_teachers.module,) * len(plan.groups))
     frozen = _teacher_groups(pool_teachers, plan.groups)
     labels = {str(g): group.teachers for g, group in enumerate(plan.groups)}
   else:  # two_stage: head g regresses component g on every image, no selection
-    component = _teacher_arch(run, plan.head_sizes[0])
-    spec = _amalgamation(run, student, plan.head_sizes, component,
-                         bridge_widths=tuple(component.widths), frozen_bridges=False,
+    modules = [_teacher_arch(run, size) for size in plan.head_sizes]
+    spec = _amalgamation(run, student, plan.head_sizes, modules,
+                         bridge_widths=tuple(modules[0].widths), frozen_bridges=False,
                          selection="least", feature_weight=1.0, logit_loss="mse")
     frozen = {"groups": {str(g): {
         "nets": teachers.stack_variables([c]),

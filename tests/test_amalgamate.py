@@ -40,7 +40,7 @@ def _stage1(tiny, confidences, **overrides):
   module, stack = _teacher_stack(tiny, confidences)
   spec = amalgamate.Amalgamation(
       net=models.create(tiny.models.teacher, 3, tiny.models.teacher_width_scale),
-      frozen_net=module, head_sizes=(3,), bridge_widths=tuple(tiny.stage1.bridge_widths),
+      frozen_nets=(module,), head_sizes=(3,), bridge_widths=tuple(tiny.stage1.bridge_widths),
       **overrides)
   index = np.tile(np.arange(3, dtype=np.int32), (len(confidences), 1))
   frozen = {"groups": {"0": {"nets": stack, "index": index}}}
@@ -135,7 +135,7 @@ def test_oracle_follows_the_labels(stage1):
   # Teacher 1 is uniform (argmax 0 everywhere): label 0 makes it right; where teacher
   # 0 is right as well, the less ambiguous teacher 0 wins.
   teacher0 = jax.device_get(teachers.stacked_apply(
-      spec.frozen_net, jax.tree.map(lambda a: a[:1], frozen["groups"]["0"]["nets"]),
+      spec.frozen_nets[0], jax.tree.map(lambda a: a[:1], frozen["groups"]["0"]["nets"]),
       IMAGES).logits[0, :, :3].argmax(-1))
   labels = np.zeros(BATCH, np.int32)
   _, metrics = _run(_step(spec), state, frozen, IMAGES, jax.local_devices(), label=labels)
@@ -167,16 +167,18 @@ def test_loss_is_the_weighted_sum_of_feature_and_logit_terms(stage1):
 
 
 def test_student_head_g_learns_from_group_g_only(tiny):
-  """Stage 2: one frozen component per group; with group 1's logit scale at zero,
-  head 1 gets no logit gradient while head 0 does."""
-  component = models.create(tiny.models.teacher, 3, tiny.models.teacher_width_scale)
-  init = jax.jit(lambda key: component.init(key, IMAGES[:1], train=False))
+  """Stage 2: one frozen component per group (parts of 3 and 2 classes); with group
+  1's logit scale at zero, head 1 gets no logit gradient while head 0 does."""
+  components = [models.create(tiny.models.teacher, p, tiny.models.teacher_width_scale)
+                for p in (3, 2)]
   spec = amalgamate.Amalgamation(
-      net=models.create(tiny.models.student, 6, tiny.models.student_width_scale),
-      frozen_net=component, head_sizes=(3, 3), bridge_widths=component.widths,
-      frozen_bridges=False)
-  frozen = {"groups": {str(g): {"nets": teachers.stack_variables([init(jax.random.key(g, impl="rbg"))]),
-                                "index": np.arange(3, dtype=np.int32)[None]} for g in (0, 1)}}
+      net=models.create(tiny.models.student, 5, tiny.models.student_width_scale),
+      frozen_nets=tuple(components), head_sizes=(3, 2),
+      bridge_widths=components[0].widths, frozen_bridges=False)
+  frozen = {"groups": {str(g): {
+      "nets": teachers.stack_variables([c.init(jax.random.key(g, impl="rbg"), IMAGES[:1])]),
+      "index": np.arange(c.num_outputs, dtype=np.int32)[None]}
+      for g, c in enumerate(components)}}
   state = _state(spec, frozen, tiny.stage2.optimizer, seed=3)
   state = state.replace(params={**state.params, "groups": {
       "0": state.params["groups"]["0"],

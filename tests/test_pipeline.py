@@ -124,7 +124,9 @@ def test_a_refused_config_leaves_the_workdir_untouched(tiny, tmp_path):
 
 
 def test_every_variant_runs_through_one_pipeline_and_report(tiny, tmp_path):
+  """Every variant of the bench, on two image domains and parts of unequal size."""
   config = tiny.copy_and_resolve_references()
+  config.target.parts.part2 = ("3", "4")
   config.data.domains = ("original", "shuffled")
   config.teacher_domains = ml_collections.ConfigDict(
       dict(t1="original", t2="shuffled", t3="original", t4="shuffled"))
@@ -147,6 +149,7 @@ def test_every_variant_runs_through_one_pipeline_and_report(tiny, tmp_path):
     assert list(c["selected_fraction"].values()) == pytest.approx([0.5, 0.5])
   assert (reports["supervised"]["student"]["params"]
           == reports["least-entropy"]["student"]["params"])
+  assert reports["least-entropy"]["components"][1]["classes"] == ["3", "4"]
 
   out = tmp_path / "table.md"
   bench.write(bench.run(config, ["least-entropy", "none"], [0], tmp_path), [0], out, "# t")
