@@ -27,6 +27,23 @@ def test_resnet18_taps_at_imagenet_resolution():
                    (2, 14, 14, 256), (2, 7, 7, 512)]
 
 
+@pytest.mark.parametrize("arch, params", [("resnet18", 11_689_512),
+                                          ("resnet34", 21_797_672),
+                                          ("resnet50", 25_557_032)])
+def test_parameter_counts_match_torchvision(arch, params):
+  """torchvision's published counts at 1,000 classes (batch-norm statistics aside)."""
+  module = models.create(arch, 1000)
+  variables = jax.eval_shape(lambda: module.init(jax.random.key(0),
+                                                 jnp.zeros((1, 64, 64, 3))))
+  assert sum(np.prod(v.shape) for v in jax.tree.leaves(variables["params"])) == params
+
+
+def test_resnet50_taps_are_bottleneck_stage_outputs():
+  _, feats = _shapes(models.create("resnet50", 10), (64, 64, 3))
+  assert feats == [(2, 32, 32, 64), (2, 16, 16, 256), (2, 8, 8, 512), (2, 4, 4, 1024),
+                   (2, 2, 2, 2048)]
+
+
 def test_width_scale_widens_every_layer():
   module = models.create("resnet10_digits", 6, width_scale=1.125)
   assert module.widths == (18, 18, 36, 72, 144)

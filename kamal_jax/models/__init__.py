@@ -12,11 +12,14 @@ class Arch:
   widths: tuple[int, ...]  # stem, then one per stage
   blocks: tuple[int, ...]
   small_input: bool
+  block: str = "basic"
 
 
 ARCHS = {
     "resnet18": Arch((64, 64, 128, 256, 512), (2, 2, 2, 2), small_input=False),
     "resnet34": Arch((64, 64, 128, 256, 512), (3, 4, 6, 3), small_input=False),
+    "resnet50": Arch((64, 256, 512, 1024, 2048), (3, 4, 6, 3), small_input=False,
+                     block="bottleneck"),
     # Sized for the 8x8 digits: 3x3 stem, one block per stage, 8 -> 4 -> 2 -> 1.
     "resnet10_digits": Arch((16, 16, 32, 64, 128), (1, 1, 1, 1), small_input=True),
 }
@@ -39,7 +42,7 @@ def create(arch: str, num_outputs: int, width_scale: float = 1.0,
   spec = ARCHS[arch]
   widths = tuple(int(round(w * width_scale)) for w in spec.widths)
   return ResNet(widths=widths, blocks=spec.blocks, num_outputs=num_outputs,
-                small_input=spec.small_input, dtype=jnp.dtype(dtype))
+                block=spec.block, small_input=spec.small_input, dtype=jnp.dtype(dtype))
 
 
 __all__ = ["ARCHS", "Arch", "Bridges", "Outputs", "ResNet", "create"]

@@ -16,10 +16,16 @@ class Outputs(NamedTuple):
   feats: tuple  # ([B, H_l, W_l, D_l] for each tap l)
 
 
+def _conv(width: int, kernel: int, stride: int, dtype, name: str) -> nn.Conv:
+  """A bias-free convolution padded like torchvision's (kernel // 2 on each side)."""
+  return nn.Conv(width, (kernel, kernel), (stride, stride), padding=kernel // 2,
+                 use_bias=False, dtype=dtype, name=name)
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convolutions with a shortcut; `final_relu=False` leaves the
   pre-activation sum, which is what a feature tap reads."""
-  width: int
+  width: int  # output channels
   stride: int
   final_relu: bool
   norm: type
@@ -27,18 +33,41 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda w, k, s, name: nn.Conv(
-        w, (k, k), (s, s), padding=k // 2, use_bias=False, dtype=self.dtype,
-        name=name)
-    y = conv(self.width, 3, self.stride, "conv1")(x)
+    y = _conv(self.width, 3, self.stride, self.dtype, "conv1")(x)
     y = nn.relu(self.norm(name="bn1")(y))
-    y = conv(self.width, 3, 1, "conv2")(y)
+    y = _conv(self.width, 3, 1, self.dtype, "conv2")(y)
     y = self.norm(name="bn2", scale_init=nn.initializers.zeros)(y)
-    if x.shape[-1] != self.width or self.stride != 1:
-      x = conv(self.width, 1, self.stride, "shortcut_conv")(x)
-      x = self.norm(name="shortcut_bn")(x)
-    y = x + y
-    return nn.relu(y) if self.final_relu else y
+    return _add_shortcut(self, x, y)
+
+
+class Bottleneck(nn.Module):
+  """1x1 reduce, 3x3 (strided, as torchvision's v1.5), 1x1 expand by 4, shortcut."""
+  width: int  # output channels (4x the inner width)
+  stride: int
+  final_relu: bool
+  norm: type
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    inner = self.width // 4
+    y = nn.relu(self.norm(name="bn1")(_conv(inner, 1, 1, self.dtype, "conv1")(x)))
+    y = nn.relu(self.norm(name="bn2")(_conv(inner, 3, self.stride, self.dtype, "conv2")(y)))
+    y = _conv(self.width, 1, 1, self.dtype, "conv3")(y)
+    y = self.norm(name="bn3", scale_init=nn.initializers.zeros)(y)
+    return _add_shortcut(self, x, y)
+
+
+def _add_shortcut(block, x, y):
+  """The block's residual sum; a 1x1 projection where the shape changes."""
+  if x.shape[-1] != block.width or block.stride != 1:
+    x = _conv(block.width, 1, block.stride, block.dtype, "shortcut_conv")(x)
+    x = block.norm(name="shortcut_bn")(x)
+  y = x + y
+  return nn.relu(y) if block.final_relu else y
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
 class ResNet(nn.Module):
@@ -46,7 +75,9 @@ class ResNet(nn.Module):
 
   Attributes:
     widths: (stem width, stage 1 width, ..., stage N width).
-    blocks: number of basic blocks per stage (len(widths) - 1 entries).
+    blocks: number of blocks per stage (len(widths) - 1 entries).
+    block: 'basic' (ResNet-18/34) or 'bottleneck' (ResNet-50 and deeper); a
+      stage's width is its output channels either way.
     num_outputs: total logits (sum of the head sizes).
     small_input: a 3x3 stride-1 stem and no max-pool (8x8 or 32x32 images)
       instead of the ImageNet 7x7 stride-2 stem and 3x3 max-pool.
@@ -56,6 +87,7 @@ class ResNet(nn.Module):
   widths: Sequence[int]
   blocks: Sequence[int]
   num_outputs: int
+  block: str = "basic"
   small_input: bool = False
   bn_axis_name: str | None = "batch"
   dtype: jnp.dtype = jnp.float32
@@ -66,23 +98,24 @@ class ResNet(nn.Module):
       raise ValueError(
           f"ResNet needs one block count per stage: widths {tuple(self.widths)} "
           f"give {len(self.widths) - 1} stages but blocks is {tuple(self.blocks)}.")
+    if self.block not in BLOCKS:
+      raise ValueError(f"Unknown ResNet block {self.block!r}: use one of {sorted(BLOCKS)}.")
     norm = lambda **kw: nn.BatchNorm(
         use_running_average=not train, momentum=0.9, epsilon=1e-5,
         axis_name=self.bn_axis_name if train else None, dtype=self.dtype, **kw)
     x = x.astype(self.dtype)
     kernel, stride = (3, 1) if self.small_input else (7, 2)
-    x = nn.Conv(self.widths[0], (kernel, kernel), (stride, stride),
-                padding=kernel // 2, use_bias=False, dtype=self.dtype,
-                name="stem_conv")(x)
+    x = _conv(self.widths[0], kernel, stride, self.dtype, "stem_conv")(x)
     feats = [x]
     x = nn.relu(norm(name="stem_bn")(x))
     if not self.small_input:
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     for stage, (width, count) in enumerate(zip(self.widths[1:], self.blocks)):
-      for block in range(count):
-        stride = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(width, stride, final_relu=block < count - 1, norm=norm,
-                       dtype=self.dtype, name=f"stage{stage + 1}_block{block + 1}")(x)
+      for index in range(count):
+        stride = 2 if stage > 0 and index == 0 else 1
+        x = BLOCKS[self.block](width, stride, final_relu=index < count - 1, norm=norm,
+                               dtype=self.dtype,
+                               name=f"stage{stage + 1}_block{index + 1}")(x)
       feats.append(x)
       x = nn.relu(x)
     x = jnp.mean(x, axis=(1, 2))  # [B, D]
