@@ -19,7 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+import flax
 import jax
+import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -45,8 +47,6 @@ def main(argv):
   start = time.perf_counter()
   reports = bench.run(FLAGS.config, FLAGS.variants, seeds, Path(FLAGS.workdir))
   minutes = (time.perf_counter() - start) / 60
-  import flax
-  import optax
   header = "\n".join([
       f"# {Path(FLAGS.out).stem}: variants over seeds",
       "",

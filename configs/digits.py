@@ -54,6 +54,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       t3=("3", "4", "5", "8"), t4=("3", "4", "5", "9")))
   # The domain each teacher learned in (data.domains[0] where not named).
   c.teacher_domains = ml_collections.ConfigDict()
+  # Teachers of another architecture than models.teacher ({name: model}), and
+  # teachers imported rather than trained ({name: .pth or .safetensors of a
+  # torchvision-named PyTorch ResNet whose logits follow the label set's order}).
+  c.teacher_models = ml_collections.ConfigDict()
+  c.teacher_checkpoints = ml_collections.ConfigDict()
 
   c.models = ml_collections.ConfigDict(dict(
       # Components share the teachers' architecture; the student is wider than one

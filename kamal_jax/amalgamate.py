@@ -1,8 +1,11 @@
 """Amalgamation: one network learns its heads from groups of frozen networks.
 
 One loss serves every stage. The network being trained has one head per group; the
-networks of a group (K teachers, or one component) are frozen, stacked and give
-targets on every image:
+networks of a group (K teachers, or one component) are frozen and give targets on
+every image. A group's frozen networks come as stacks, one per architecture (teachers
+of one architecture run as one stacked program); teachers of different widths and
+depths meet through their bridges, and taps of another spatial size are resized to
+the network's:
   stage 1       a component (one head) from its group's K teachers;
   stage 2       the student (G heads) from the G components, one per group (K = 1),
                 whose own features are the targets (no bridges on their side);
@@ -17,8 +20,9 @@ method; see `ambiguity.RULES`).
 
 Trainable parameters: {'net': the network, 'groups': {str(g): {
   'net_bridges': [K] bridge sets S_k on the network's features,
-  'frozen_bridges': [K] bridge sets T_k on the frozen networks' features (if any),
-  'logit_scale': [K] learnable scalars m_k}}}.
+  'frozen_bridges': per stack s, [K_s] bridge sets T_k on its networks' features
+    (absent when the frozen features are compared as they are),
+  'logit_scale': [K] learnable scalars m_k}}}; k runs over the group's stacks in order.
 """
 import dataclasses
 
@@ -36,7 +40,7 @@ from kamal_jax.teachers import map_stacked, stacked_apply
 class Amalgamation:
   """What a stage trains and how (static, hashable: one compiled step per value)."""
   net: nn.Module
-  frozen_nets: tuple[nn.Module, ...]  # the architecture of each group's frozen stack
+  frozen_nets: tuple[tuple[nn.Module, ...], ...]  # per group, each stack's architecture
   head_sizes: tuple[int, ...]  # the network's heads, one per group
   bridge_widths: tuple[int, ...]  # outputs of the network-side bridges, per tap
   frozen_bridges: bool = True  # False: compare with the frozen features themselves
@@ -75,24 +79,47 @@ def _feature_mse(predicted: tuple, target: tuple) -> jnp.ndarray:
   return sum(losses.mse(p, t, batch_dims=2) for p, t in zip(predicted, target))
 
 
+def _resized(feats: tuple, like: tuple) -> tuple:
+  """Stacked taps [K, B, H', W', c] resized (bilinear) to the spatial size of the
+  network's taps [B, H, W, D] where they differ."""
+  def one(f, reference):
+    size = reference.shape[1:3]
+    if f.shape[2:4] == size:
+      return f
+    return jax.image.resize(f, f.shape[:2] + size + f.shape[-1:], method="linear")
+  return tuple(one(f, r) for f, r in zip(feats, like))
+
+
+def _frozen_targets(spec: Amalgamation, g: int, params, frozen, x, feats):
+  """The group's frozen networks on x, stack by stack, joined along K: restricted
+  logits [K, B, P], feature targets ([K, B, H, W, c] per tap, at the network's tap
+  sizes) and the weight-norm penalty of the frozen-side bridges."""
+  logits, targets, weight_norm = [], [], jnp.zeros(())
+  for s, (module, stack) in enumerate(zip(spec.frozen_nets[g], frozen["stacks"])):
+    out = jax.lax.stop_gradient(stacked_apply(module, stack["nets"], x))
+    logits.append(jnp.take_along_axis(out.logits, stack["index"][:, None, :], axis=-1))
+    if spec.frozen_bridges:
+      bridges = params["frozen_bridges"][s]
+      targets.append(_bridge(spec.bridge_widths, bridges, out.feats, True))
+      kernels = jax.tree.leaves(bridges)  # per tap [K_s, 1, 1, D, c]
+      weight_norm += sum(jnp.sum(jax.vmap(losses.weight_norm_penalty)(k)) for k in kernels)
+    else:
+      targets.append(out.feats)
+  joined = tuple(jnp.concatenate(taps) for taps in zip(*(_resized(t, feats) for t in targets)))
+  return jnp.concatenate(logits), joined, weight_norm
+
+
 def _group_loss(spec: Amalgamation, g: int, params, frozen, x, logits, feats, key,
                 labels):
   """Group g's term: logits [B, P] and feats of the network; labels [B] (positions
   in the part, -1 outside it) only for the oracle rule. Returns (loss, metrics)."""
-  teacher = jax.lax.stop_gradient(stacked_apply(spec.frozen_nets[g], frozen["nets"], x))
-  target = jnp.take_along_axis(teacher.logits, frozen["index"][:, None, :], axis=-1)  # [K, B, P]
+  target, targets, weight_norm = _frozen_targets(spec, g, params, frozen, x, feats)
   amb = ambiguity.get(spec.ambiguity)(target)  # [K, B]
   correct = None if labels is None else jnp.argmax(target, axis=-1) == labels[None]  # [K, B]
   weights = ambiguity.weights(spec.selection, amb, key=key, correct=correct,
                               temperature=spec.temperature)  # [B, K]
 
   predicted = _bridge(spec.bridge_widths, params["net_bridges"], feats, False)
-  if spec.frozen_bridges:
-    targets = _bridge(spec.bridge_widths, params["frozen_bridges"], teacher.feats, True)
-    kernels = jax.tree.leaves(params["frozen_bridges"])  # per tap [K, 1, 1, D, c]
-    weight_norm = sum(jnp.sum(jax.vmap(losses.weight_norm_penalty)(k)) for k in kernels)
-  else:
-    targets, weight_norm = teacher.feats, jnp.zeros(())
   feature = _feature_mse(predicted, targets)  # [K, B]
   scaled = params["logit_scale"][:, None, None] * logits[None]  # [K, B, P]
   logit = LOGIT_LOSSES[spec.logit_loss](scaled, target, spec.kd_temperature)  # [K, B]
@@ -112,8 +139,8 @@ def _group_loss(spec: Amalgamation, g: int, params, frozen, x, logits, feats, ke
 def amalgamation_loss(spec: Amalgamation, params, batch_stats, frozen, batch):
   """The loss of one step.
 
-  frozen: {'groups': {str(g): {'nets': stacked variables [K, ...], 'index': [K, P]
-  logit positions of the part in each frozen network}}}.
+  frozen: {'groups': {str(g): {'stacks': [{'nets': stacked variables [K_s, ...],
+  'index': [K_s, P] logit positions of the part in each network}, one per stack]}}}.
   batch: {'image': [B, H, W, C]}, plus 'key' (raw PRNG key data) for the random
   rule and 'label' ([B] positions in the network's concatenated heads, -1 outside
   them) for the oracle rule; no other stage-1 or stage-2 batch carries labels.
@@ -137,9 +164,9 @@ def amalgamation_loss(spec: Amalgamation, params, batch_stats, frozen, batch):
   return total, (metrics, batch_stats)
 
 
-def _tap_widths(module: nn.Module, variables, x) -> tuple[int, ...]:
-  shapes = jax.eval_shape(lambda v: module.apply(v, x, train=False), variables)
-  return tuple(f.shape[-1] for f in shapes.feats)
+def _tap_shapes(module: nn.Module, variables, x) -> tuple:
+  return tuple(f.shape for f in jax.eval_shape(
+      lambda v: module.apply(v, x, train=False), variables).feats)
 
 
 def _init_bridges(key, widths, in_widths, count: int):
@@ -151,23 +178,31 @@ def _init_bridges(key, widths, in_widths, count: int):
 
 def init(spec: Amalgamation, key, frozen_shapes, x) -> dict:
   """Initial {'params', 'batch_stats'}. frozen_shapes: the structure of `frozen`
-  (shapes suffice: `jax.eval_shape` reads the frozen networks' tap widths); x is an
+  (shapes suffice: `jax.eval_shape` reads the frozen networks' taps); x is an
   example batch [1, H, W, C]."""
   k_net, k_groups = jax.random.split(key)
   variables = spec.net.init(k_net, x, train=False)
-  net_widths = _tap_widths(spec.net, variables, x)
+  net_taps = _tap_shapes(spec.net, variables, x)
   groups = {}
   for g, k_group in enumerate(jax.random.split(k_groups, len(spec.head_sizes))):
-    nets = frozen_shapes["groups"][str(g)]["nets"]
-    count = jax.tree.leaves(nets)[0].shape[0]
-    one = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), nets)
-    k_net_side, k_frozen_side = jax.random.split(k_group)
-    groups[str(g)] = {"net_bridges": _init_bridges(k_net_side, spec.bridge_widths,
-                                                   net_widths, count),
-                      "logit_scale": jnp.ones((count,))}
+    stacks = frozen_shapes["groups"][str(g)]["stacks"]
+    counts, in_widths = [], []
+    for module, stack in zip(spec.frozen_nets[g], stacks):
+      counts.append(jax.tree.leaves(stack["nets"])[0].shape[0])
+      one = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), stack["nets"])
+      taps = _tap_shapes(module, one, x)
+      if len(taps) != len(net_taps):
+        raise ValueError(
+            f"Head {g}'s frozen networks have {len(taps)} feature taps and the network "
+            f"being trained has {len(net_taps)}: use architectures with as many stages.")
+      in_widths.append(tuple(t[-1] for t in taps))
+    keys = jax.random.split(k_group, 1 + len(counts))
+    groups[str(g)] = {"net_bridges": _init_bridges(keys[0], spec.bridge_widths,
+                                                   [t[-1] for t in net_taps], sum(counts)),
+                      "logit_scale": jnp.ones((sum(counts),))}
     if spec.frozen_bridges:
-      groups[str(g)]["frozen_bridges"] = _init_bridges(
-          k_frozen_side, spec.bridge_widths, _tap_widths(spec.frozen_nets[g], one, x),
-          count)
+      groups[str(g)]["frozen_bridges"] = [
+          _init_bridges(k, spec.bridge_widths, widths, count)
+          for k, widths, count in zip(keys[1:], in_widths, counts)]
   return {"params": {"net": variables["params"], "groups": groups},
           "batch_stats": variables["batch_stats"]}

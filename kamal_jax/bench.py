@@ -84,17 +84,18 @@ def run(base: ml_collections.ConfigDict, variants, seeds, workdir: Path) -> dict
   {variant: {seed: report}}."""
   reports = {v: {} for v in variants}
   for seed in seeds:
-    teachers_dir = None
+    first = None  # the seed's first run: its trained teachers serve the others
     for variant in variants:
       directory = workdir / f"seed{seed}" / variant
-      if teachers_dir and not (directory / "checkpoints" / "teachers").exists():
-        shutil.copytree(teachers_dir, directory / "checkpoints" / "teachers")
+      for trained in sorted((first / "checkpoints").glob("teachers*")) if first else ():
+        if not (directory / "checkpoints" / trained.name).exists():
+          shutil.copytree(trained, directory / "checkpoints" / trained.name)
       start = time.perf_counter()
       reports[variant][seed] = pipeline.train_and_evaluate(
           configure(base, variant, seed), str(directory))
       print(f"seed {seed} {variant}: joint {reports[variant][seed]['student']['accuracy_joint']:.4f} "
             f"({time.perf_counter() - start:.0f} s)", flush=True)
-      teachers_dir = directory / "checkpoints" / "teachers"
+      first = first or directory
   return reports
 
 

@@ -47,6 +47,8 @@ class Run:
   train_indices: np.ndarray  # the unlabeled pool (and the teachers' training images)
   test_indices: np.ndarray  # held out from every stage
   plan: tasks.AmalgamationPlan
+  sources: dict[str, teachers.Teacher]  # every teacher; variables None: trained here
+  stacks: tuple[tuple[str, ...], ...]  # the teachers that run as one, in plan order
   log: train.MetricLog
   train_stages: tuple[str, ...]  # the stages this invocation may train
   trained: set = dataclasses.field(default_factory=set)  # the stages it did train
@@ -85,10 +87,10 @@ def _shapes(tree):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), tree)
 
 
-def _teacher_arch(run: Run, num_outputs: int):
-  """The teachers' architecture, which the components share."""
-  cfg = run.config.models
-  return models.create(cfg.teacher, num_outputs, cfg.teacher_width_scale, cfg.dtype)
+def _teacher_arch(config: ml_collections.ConfigDict, num_outputs: int, arch: str = ""):
+  """The teachers' architecture (config.models.teacher), which the components share."""
+  cfg = config.models
+  return models.create(arch or cfg.teacher, num_outputs, cfg.teacher_width_scale, cfg.dtype)
 
 
 def _student_arch(run: Run):
@@ -148,17 +150,24 @@ def train_supervised(run: Run, name: str, stage: str, module, label_sets: dict,
   return teachers.TeacherStack(names, module, _variables(state))
 
 
-def train_teachers(run: Run) -> teachers.TeacherStack:
-  """The pool's teachers, each trained on the training images of its own classes in
-  its own domain."""
-  spaces = run.plan.label_spaces
-  names = tuple(spaces)
-  module = _teacher_arch(run, spaces[names[0]].num_outputs)
-  images_of = {n: (lambda idx, d=run.teacher_domain(n): data.in_domain(run.dataset.images[idx], d))
-               for n in names}
-  return train_supervised(run, "teachers", "teachers", module,
-                          {n: spaces[n].classes for n in names}, images_of,
-                          run.config.teacher_training)
+def train_teachers(run: Run) -> list[teachers.TeacherStack]:
+  """The pool, one stack per architecture: imported teachers as they are; the others
+  trained, each on the training images of its own classes in its own domain, a
+  stack in one step."""
+  to_train = [names for names in run.stacks if run.sources[names[0]].variables is None]
+  pool = []
+  for names in run.stacks:
+    members = [run.sources[n] for n in names]
+    if members[0].variables is not None:
+      pool.append(teachers.stack(members))
+      continue
+    name = "teachers" if len(to_train) == 1 else f"teachers_{to_train.index(names) + 1}"
+    images_of = {n: (lambda idx, d=run.teacher_domain(n):
+                     data.in_domain(run.dataset.images[idx], d)) for n in names}
+    pool.append(train_supervised(run, name, "teachers", members[0].module,
+                                 {t.name: t.label_space.classes for t in members},
+                                 images_of, run.config.teacher_training))
+  return pool
 
 
 def _amalgamation(run: Run, net, head_sizes, frozen_nets, **overrides) -> amalgamate.Amalgamation:
@@ -208,68 +217,79 @@ def _amalgamate(run: Run, name: str, stage: str, spec, frozen, classes, pool, cf
   return _variables(state)
 
 
-def _teacher_groups(pool_teachers: teachers.TeacherStack, groups) -> dict:
-  return {"groups": {str(g): {
-      "nets": teachers.take(pool_teachers.variables,
-                            [pool_teachers.names.index(t) for t in group.teachers]),
-      "index": group.index} for g, group in enumerate(groups)}}
+def _group_frozen(pool: list[teachers.TeacherStack], group: tasks.Group):
+  """A group's teachers as amalgamation inputs: their architectures, one per stack,
+  and {'stacks': [{'nets', 'index'}]}."""
+  subs = teachers.sub_stacks(pool, group.teachers)
+  ends = np.cumsum([len(s.names) for s in subs])[:-1]
+  stacks = [{"nets": s.variables, "index": index}
+            for s, index in zip(subs, np.split(group.index, ends))]
+  return tuple(s.module for s in subs), {"stacks": stacks}
 
 
-def amalgamate_groups(run: Run, pool_teachers: teachers.TeacherStack) -> list[dict]:
+def amalgamate_groups(run: Run, pool: list[teachers.TeacherStack]) -> list[dict]:
   """Stage 1: each group's teachers' knowledge of its part into a component."""
   components = []
   for group in run.plan.groups:
-    spec = _amalgamation(run, _teacher_arch(run, len(group.part.classes)),
-                         (len(group.part.classes),), (pool_teachers.module,))
+    modules, frozen = _group_frozen(pool, group)
+    spec = _amalgamation(run, _teacher_arch(run.config, len(group.part.classes)),
+                         (len(group.part.classes),), (modules,))
     components.append(_amalgamate(
-        run, f"stage1_{group.part.name}", "stage1", spec,
-        _teacher_groups(pool_teachers, [group]), group.part.classes,
-        _pool(run, group.part.classes), run.config.stage1, {"0": group.teachers}))
+        run, f"stage1_{group.part.name}", "stage1", spec, {"groups": {"0": frozen}},
+        group.part.classes, _pool(run, group.part.classes), run.config.stage1,
+        {"0": group.teachers}))
   return components
 
 
-def train_student(run: Run, pool_teachers: teachers.TeacherStack, components) -> dict:
+def train_student(run: Run, pool: list[teachers.TeacherStack], components) -> dict:
   """Stage 2: the student, from the components (two_stage), from the teachers
   directly (single_stage) or from labels (supervised)."""
   plan, cfg = run.plan, run.config.stage2
   student = _student_arch(run)
-  pool = _pool(run, plan.target_classes)
   if run.config.pipeline == "supervised":
     images_of = {"student": lambda idx: run.images[idx]}
     stack = train_supervised(run, "stage2", "stage2", student,
                              {"student": plan.target_classes}, images_of, cfg)
     return teachers.take(stack.variables, 0)
   if run.config.pipeline == "single_stage":
-    spec = _amalgamation(run, student, plan.head_sizes,
-                         (pool_teachers.module,) * len(plan.groups))
-    frozen = _teacher_groups(pool_teachers, plan.groups)
+    modules, frozen = zip(*(_group_frozen(pool, group) for group in plan.groups))
+    spec = _amalgamation(run, student, plan.head_sizes, modules)
+    frozen = {"groups": {str(g): f for g, f in enumerate(frozen)}}
     labels = {str(g): group.teachers for g, group in enumerate(plan.groups)}
   else:  # two_stage: head g regresses component g on every image, no selection
-    modules = [_teacher_arch(run, size) for size in plan.head_sizes]
-    spec = _amalgamation(run, student, plan.head_sizes, modules,
+    modules = [_teacher_arch(run.config, size) for size in plan.head_sizes]
+    spec = _amalgamation(run, student, plan.head_sizes, [(m,) for m in modules],
                          bridge_widths=tuple(modules[0].widths), frozen_bridges=False,
                          selection="least", feature_weight=1.0, logit_loss="mse")
-    frozen = {"groups": {str(g): {
+    frozen = {"groups": {str(g): {"stacks": [{
         "nets": teachers.stack_variables([c]),
-        "index": np.arange(len(group.part.classes), dtype=np.int32)[None]}
+        "index": np.arange(len(group.part.classes), dtype=np.int32)[None]}]}
         for g, (c, group) in enumerate(zip(components, plan.groups))}}
     labels = {str(g): (group.part.name,) for g, group in enumerate(plan.groups)}
-  return _amalgamate(run, "stage2", "stage2", spec, frozen, plan.target_classes, pool,
-                     cfg, labels)
+  return _amalgamate(run, "stage2", "stage2", spec, frozen, plan.target_classes,
+                     _pool(run, plan.target_classes), cfg, labels)
 
 
-def _restricted(logits: np.ndarray, names, group: tasks.Group) -> np.ndarray:
-  """The group's teachers' logits on its part: [T, N, C] -> [K, N, P]."""
-  stack = logits[[names.index(t) for t in group.teachers]]
-  return np.take_along_axis(stack, group.index[:, None, :], axis=-1)
+def _restricted(logits: dict[str, np.ndarray], group: tasks.Group) -> np.ndarray:
+  """The group's teachers' logits on its part: {name: [N, C_t]} -> [K, N, P]."""
+  return np.stack([logits[t][:, index] for t, index in zip(group.teachers, group.index)])
 
 
-def _selection(run: Run, g: int, group: tasks.Group, logits: np.ndarray,
-               indices: np.ndarray, names) -> dict:
+def _teacher_logits(run: Run, pool: list[teachers.TeacherStack], images) -> dict:
+  """{teacher name: logits [N, C_t]}, each stack in one program."""
+  logits = {}
+  for stack in pool:
+    logits.update(zip(stack.names, evaluate.predict(
+        stack.module, stack.variables, images, run.config.eval_batch_size, stacked=True)))
+  return logits
+
+
+def _selection(run: Run, g: int, group: tasks.Group, logits: dict,
+               indices: np.ndarray) -> dict:
   """How the configured rule weighs the group's teachers on the given images
-  (teacher logits [T, N, C] of the pool's teachers on them)."""
+  ({teacher name: logits [N, C_t]} on them)."""
   cfg = run.config
-  restricted = _restricted(logits, names, group)
+  restricted = _restricted(logits, group)
   targets = _labels_in(run, indices, group.part.classes)
   weights = evaluate.rule_weights(restricted, targets, cfg.stage1.selection,
                                   cfg.stage1.ambiguity, cfg.stage1.temperature,
@@ -284,41 +304,40 @@ def _selection(run: Run, g: int, group: tasks.Group, logits: np.ndarray,
   return stats
 
 
-def evaluate_all(run: Run, pool_teachers, components, student) -> dict:
+def evaluate_all(run: Run, pool: list[teachers.TeacherStack], components, student) -> dict:
   """Scores every network on the held-out split; adds sizes and selection stats."""
   cfg, plan = run.config, run.plan
   batch = cfg.eval_batch_size
-  names = pool_teachers.names
   test_images = run.images[run.test_indices]
-  teacher_logits = evaluate.predict(pool_teachers.module, pool_teachers.variables,
-                                    test_images, batch, stacked=True)
+  teacher_logits = _teacher_logits(run, pool, test_images)
   component_logits = [
-      evaluate.predict(_teacher_arch(run, len(g.part.classes)), c, test_images, batch)
+      evaluate.predict(_teacher_arch(cfg, len(g.part.classes)), c, test_images, batch)
       for g, c in zip(plan.groups, components)] or None
-  teacher_params = train.count_params(teachers.take(pool_teachers.variables, 0)["params"])
+  teacher_params = {n: train.count_params(teachers.take(s.variables, i)["params"])
+                    for s in pool for i, n in enumerate(s.names)}
   if student is None:  # the ensemble answers: every teacher of every group runs
     student_logits = evaluate.ensemble_log_probs(
-        [_restricted(teacher_logits, names, g) for g in plan.groups])
-    student_params, forwards = teacher_params * len(plan.used_teachers), len(plan.used_teachers)
+        [_restricted(teacher_logits, g) for g in plan.groups])
+    student_params = sum(teacher_params[t] for t in plan.used_teachers)
+    forwards = len(plan.used_teachers)
   else:
     student_logits = evaluate.predict(_student_arch(run), student, test_images, batch)
     student_params, forwards = train.count_params(student["params"]), 1
   result = evaluate.score(plan, run.dataset.class_names, run.dataset.labels[run.test_indices],
-                          dict(zip(names, teacher_logits)), component_logits,
-                          student_logits, cfg.stage1.ambiguity)
+                          teacher_logits, component_logits, student_logits,
+                          cfg.stage1.ambiguity)
   result["student"].update(params=student_params, inference_forwards=forwards)
   for entry in result["teachers"]:
-    entry["params"] = teacher_params
+    entry["params"] = teacher_params[entry["name"]]
 
   # What each component learns from: on its stage-1 pool, and on the test images.
-  pool_logits = evaluate.predict(pool_teachers.module, pool_teachers.variables,
-                                 run.images[run.train_indices], batch, stacked=True)
+  pool_logits = _teacher_logits(run, pool, run.images[run.train_indices])
   for g, (group, entry) in enumerate(zip(plan.groups, result["components"])):
-    pool = _pool(run, group.part.classes)
-    entry.update(_selection(run, g, group, pool_logits[:, np.searchsorted(
-        run.train_indices, pool)], pool, names))
-    entry["test_selection"] = _selection(run, g, group, teacher_logits,
-                                         run.test_indices, names)
+    images = _pool(run, group.part.classes)
+    at = np.searchsorted(run.train_indices, images)
+    entry.update(_selection(run, g, group, {n: l[at] for n, l in pool_logits.items()},
+                            images))
+    entry["test_selection"] = _selection(run, g, group, teacher_logits, run.test_indices)
     entry["params"] = train.count_params(components[g]["params"]) if components else None
   return result
 
@@ -340,35 +359,45 @@ def validate(config: ml_collections.ConfigDict):
     if value not in allowed:
       raise ValueError(f"{name}={value!r}: use one of {list(allowed)}.")
   ambiguity.get(config.stage1.ambiguity)
+  if config.data.name == "folder" and not config.data.get("path"):
+    raise ValueError("data.path is empty: set --config.data.path to a folder with one "
+                     "sub-folder of images per class.")
   for domain in list(config.data.domains) + list(config.teacher_domains.values()):
     data.in_domain(np.zeros((1, 1, 1, 1)), domain)
-  for arch in (config.models.teacher, config.models.student):
+  for arch in (config.models.teacher, config.models.student,
+               *config.teacher_models.values()):
     models.create(arch, 1, dtype=config.models.dtype)
 
 
-def _check_stackable(plan: tasks.AmalgamationPlan):
-  """The pool's teachers train and run as one stack: for now that needs label sets
-  of one size."""
-  sizes = {name: space.num_outputs for name, space in plan.label_spaces.items()}
-  if len(set(sizes.values())) > 1:
-    raise ValueError(f"Teachers have label sets of different sizes {sizes}; one stack "
-                     "needs one size: give every teacher as many classes.")
+def _sources(config: ml_collections.ConfigDict, spaces: dict) -> dict[str, teachers.Teacher]:
+  """Every teacher: imported from config.teacher_checkpoints, or to be trained here
+  with config.teacher_models' architecture (config.models.teacher by default)."""
+  return {name: teachers.imported(name, config.teacher_checkpoints[name], space,
+                                  config.models.dtype)
+          if name in config.teacher_checkpoints else teachers.Teacher(
+              name, _teacher_arch(config, space.num_outputs,
+                                  config.teacher_models.get(name, "")), None, space)
+          for name, space in spaces.items()}
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> Run:
   validate(config)
-  dataset = data.load(config.data.name, config.data.data_dir)
+  dataset = data.load(config.data)
   spaces = {name: tasks.label_space(spec, name) for name, spec in config.teachers.items()}
   unknown = sorted({c for s in spaces.values() for c in s.classes} - set(dataset.class_names))
   if unknown:
     raise ValueError(f"Teacher classes {unknown} are not classes of dataset "
                      f"{config.data.name!r} {list(dataset.class_names)}: fix the teachers' label sets.")
-  strangers = sorted(set(config.teacher_domains) - set(spaces))
-  if strangers:
-    raise ValueError(f"teacher_domains names {strangers}, which are not teachers "
-                     f"{sorted(spaces)}: fix the names.")
-  plan = tasks.make_plan(config.target.parts, spaces)
-  _check_stackable(plan)
+  for field in ("teacher_domains", "teacher_models", "teacher_checkpoints"):
+    strangers = sorted(set(config[field]) - set(spaces))
+    if strangers:
+      raise ValueError(f"{field} names {strangers}, which are not teachers "
+                       f"{sorted(spaces)}: fix the names.")
+  sources = _sources(config, spaces)
+  stacks = teachers.stack_order(
+      {n: (t.module, t.variables is None) for n, t in sources.items()})
+  plan = tasks.make_plan(config.target.parts,
+                         {n: spaces[n] for names in stacks for n in names})
   train_indices, test_indices = data.stratified_split(
       dataset.labels, config.data.test_fraction, config.seed)
   images, domains = data.mix_domains(dataset.images, tuple(config.data.domains), config.seed)
@@ -376,7 +405,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> R
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   return Run(config, workdir, dataset, images, domains, train_indices, test_indices, plan,
-             train.MetricLog(workdir), tuple(train_stages))
+             sources, tuple(stacks), train.MetricLog(workdir), tuple(train_stages))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -402,20 +431,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   last = max(STAGES.index(s) for s in stages)
   try:
-    pool_teachers = timed("teachers", train_teachers, run)
+    pool = timed("teachers", train_teachers, run)
     if last < STAGES.index("stage1"):
       return None
     components = []
     if config.pipeline == "two_stage":
-      components = timed("stage1", amalgamate_groups, run, pool_teachers)
+      components = timed("stage1", amalgamate_groups, run, pool)
     if last < STAGES.index("stage2"):
       return None
     student = None
     if config.pipeline != "ensemble":
-      student = timed("stage2", train_student, run, pool_teachers, components)
+      student = timed("stage2", train_student, run, pool, components)
     if last < STAGES.index("evaluate"):
       return None
-    result = timed("evaluate", evaluate_all, run, pool_teachers, components, student)
+    result = timed("evaluate", evaluate_all, run, pool, components, student)
   finally:
     run.log.close()
   result["pipeline"] = config.pipeline

@@ -2,7 +2,8 @@
 
 A teacher is a Flax module `module(x, train: bool) -> Outputs(logits, feats)`, its
 variables and its label space. Teachers of one architecture are stacked: their
-variables get a leading K axis and `map_stacked` runs them all in one program.
+variables get a leading K axis and `map_stacked` runs them all in one program. A pool
+of heterogeneous teachers is a list of such stacks, one per architecture.
 Teachers always run in eval mode (running batch statistics) and never enter an
 optimizer.
 
@@ -27,8 +28,32 @@ from kamal_jax.models import Outputs
 class Teacher:
   name: str
   module: nn.Module
-  variables: Any  # {'params': ..., 'batch_stats': ...}
+  variables: Any  # {'params': ..., 'batch_stats': ...}; None for one still to train
   label_space: tasks.LabelSpace
+
+
+def imported(name: str, path: str, space: tasks.LabelSpace, dtype: str) -> Teacher:
+  """A teacher from a PyTorch ResNet checkpoint (torchvision names; .pth or
+  .safetensors), whose logits must be its label space in order."""
+  from kamal_jax.third_party import torch_resnet  # pylint: disable=g-import-not-at-top
+  try:
+    module, variables = torch_resnet.load(path, dtype)
+  except ValueError as error:
+    raise ValueError(f"Teacher {name!r}: {error}") from error
+  if module.num_outputs != space.num_outputs:
+    raise ValueError(
+        f"Teacher {name!r} from {path} has {module.num_outputs} logits but its label set "
+        f"has {space.num_outputs} classes: list its classes in the order of its logits.")
+  return Teacher(name, module, variables, space)
+
+
+def stack_order(keys: dict[str, Any]) -> list[tuple[str, ...]]:
+  """Names with equal keys (e.g. architectures) grouped into stacks, in order of
+  first appearance."""
+  stacks = {}
+  for name, key in keys.items():
+    stacks.setdefault(key, []).append(name)
+  return [tuple(names) for names in stacks.values()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +82,21 @@ def stack_variables(variables: list) -> Any:
   """Variable trees of one architecture -> one host tree with a leading [K] axis
   (NumPy: stacking on the host compiles nothing)."""
   return jax.tree.map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]), *variables)
+
+
+def sub_stacks(pool: list["TeacherStack"], names) -> list["TeacherStack"]:
+  """The named teachers as sub-stacks of the pool's stacks. `names` must follow the
+  pool's order (stack by stack), so joining the sub-stacks along K gives `names`."""
+  subs = []
+  for stack_ in pool:
+    members = [n for n in names if n in stack_.names]
+    if members:
+      subs.append(TeacherStack(tuple(members), stack_.module, take(
+          stack_.variables, [stack_.names.index(n) for n in members])))
+  if [n for s in subs for n in s.names] != list(names):
+    raise ValueError(f"Teachers {list(names)} are not in the pool's stack order "
+                     f"{[s.names for s in pool]}.")
+  return subs
 
 
 def take(stack_variables, indices) -> Any:

@@ -14,10 +14,11 @@ BATCH = 16
 IMAGES = np.random.default_rng(0).uniform(size=(BATCH, 8, 8, 1)).astype(np.float32)
 
 
-def _teacher_stack(tiny, confidences):
+def _teacher_stack(tiny, confidences, arch="", width_scale=None):
   """K tiny teachers whose head kernels are scaled by `confidences`: a large scale
   gives peaked softmaxes (low entropy), zero gives uniform ones (maximal entropy)."""
-  module = models.create(tiny.models.teacher, 4, tiny.models.teacher_width_scale)
+  module = models.create(arch or tiny.models.teacher, 4,
+                         width_scale or tiny.models.teacher_width_scale)
   init = jax.jit(lambda key: module.init(key, IMAGES[:1], train=False))
   stack = []
   for k, scale in enumerate(confidences):
@@ -35,15 +36,17 @@ def _state(spec, frozen, optimizer, seed=7):
       optimizer, 6))()
 
 
-def _stage1(tiny, confidences, **overrides):
-  """A component (3 classes) from K teachers that know the part at logits 0-2."""
-  module, stack = _teacher_stack(tiny, confidences)
+def _stage1(tiny, *stacks, **overrides):
+  """A component (3 classes) from teacher stacks (module, variables [K_s, ...]) that
+  know the part at logits 0-2."""
   spec = amalgamate.Amalgamation(
       net=models.create(tiny.models.teacher, 3, tiny.models.teacher_width_scale),
-      frozen_nets=(module,), head_sizes=(3,), bridge_widths=tuple(tiny.stage1.bridge_widths),
-      **overrides)
-  index = np.tile(np.arange(3, dtype=np.int32), (len(confidences), 1))
-  frozen = {"groups": {"0": {"nets": stack, "index": index}}}
+      frozen_nets=(tuple(module for module, _ in stacks),), head_sizes=(3,),
+      bridge_widths=tuple(tiny.stage1.bridge_widths), **overrides)
+  frozen = {"groups": {"0": {"stacks": [
+      {"nets": nets, "index": np.tile(np.arange(3, dtype=np.int32),
+                                      (len(jax.tree.leaves(nets)[0]), 1))}
+      for _, nets in stacks]}}}
   return spec, frozen, _state(spec, frozen, tiny.stage1.optimizer)
 
 
@@ -64,7 +67,7 @@ def _step(spec, loss=amalgamate.amalgamation_loss):
 
 @pytest.fixture(scope="module")
 def stage1(tiny):
-  return _stage1(tiny, confidences=(50.0, 0.0))  # teacher 0 sure, teacher 1 uniform
+  return _stage1(tiny, _teacher_stack(tiny, (50.0, 0.0)))  # 0 sure, 1 uniform
 
 
 counted_loss = chex.assert_max_traces(amalgamate.amalgamation_loss, n=1)
@@ -113,8 +116,33 @@ def test_samples_learn_only_from_the_least_ambiguous_teacher(stage1):
   assert after["logit_scale"][0] != before["logit_scale"][0]
 
 
+def test_teachers_of_other_widths_and_depths_share_a_group(tiny):
+  """A group of two stacks: the tiny teacher (uniform) and a ResNet-18 with the
+  ImageNet stem (sure), whose taps are wider and spatially smaller (8x8 images:
+  4, 2, 1, 1, 1 against the component's 8, 8, 4, 2, 1)."""
+  resnet18 = _teacher_stack(tiny, (50.0,), arch="resnet18", width_scale=0.125)
+  spec, frozen, state = _stage1(tiny, _teacher_stack(tiny, (0.0,)), resnet18)
+  bridges = state.params["groups"]["0"]["frozen_bridges"]
+  assert [b["tap4"]["kernel"].shape for b in bridges] == [(1, 1, 1, 32, 16),
+                                                          (1, 1, 1, 64, 16)]
+  new, metrics = _run(_step(spec), state, frozen, IMAGES, jax.local_devices())
+  np.testing.assert_array_equal(metrics["0/selected_fraction"], [0.0, 1.0])
+  assert np.isfinite(metrics["0/feature_loss"]) and metrics["0/feature_loss"] > 0
+  # Only the selected teacher's side learns (beyond the weight-norm penalty).
+  before, after = state.params["groups"]["0"], new.params["groups"]["0"]
+  assert _unchanged(before["net_bridges"], after["net_bridges"], 0)
+  assert not _unchanged(before["net_bridges"], after["net_bridges"], 1)
+
+
+def test_frozen_networks_need_as_many_taps(tiny):
+  shallow = models.ResNet(widths=(4, 4, 8), blocks=(1, 1), num_outputs=4, small_input=True)
+  nets = teachers.stack_variables([shallow.init(jax.random.key(0, impl="rbg"), IMAGES[:1])])
+  with pytest.raises(ValueError, match="3 feature taps .* has 5"):
+    _stage1(tiny, (shallow, nets))
+
+
 def test_selection_follows_the_teachers_not_their_order(tiny):
-  spec, frozen, state = _stage1(tiny, confidences=(0.0, 50.0))
+  spec, frozen, state = _stage1(tiny, _teacher_stack(tiny, (0.0, 50.0)))
   _, metrics = _run(_step(spec), state, frozen, IMAGES, jax.local_devices())
   np.testing.assert_array_equal(metrics["0/selected_fraction"], [0.0, 1.0])
 
@@ -135,7 +163,8 @@ def test_oracle_follows_the_labels(stage1):
   # Teacher 1 is uniform (argmax 0 everywhere): label 0 makes it right; where teacher
   # 0 is right as well, the less ambiguous teacher 0 wins.
   teacher0 = jax.device_get(teachers.stacked_apply(
-      spec.frozen_nets[0], jax.tree.map(lambda a: a[:1], frozen["groups"]["0"]["nets"]),
+      spec.frozen_nets[0][0],
+      jax.tree.map(lambda a: a[:1], frozen["groups"]["0"]["stacks"][0]["nets"]),
       IMAGES).logits[0, :, :3].argmax(-1))
   labels = np.zeros(BATCH, np.int32)
   _, metrics = _run(_step(spec), state, frozen, IMAGES, jax.local_devices(), label=labels)
@@ -173,11 +202,11 @@ def test_student_head_g_learns_from_group_g_only(tiny):
                 for p in (3, 2)]
   spec = amalgamate.Amalgamation(
       net=models.create(tiny.models.student, 5, tiny.models.student_width_scale),
-      frozen_nets=tuple(components), head_sizes=(3, 2),
+      frozen_nets=tuple((c,) for c in components), head_sizes=(3, 2),
       bridge_widths=components[0].widths, frozen_bridges=False)
-  frozen = {"groups": {str(g): {
+  frozen = {"groups": {str(g): {"stacks": [{
       "nets": teachers.stack_variables([c.init(jax.random.key(g, impl="rbg"), IMAGES[:1])]),
-      "index": np.arange(c.num_outputs, dtype=np.int32)[None]}
+      "index": np.arange(c.num_outputs, dtype=np.int32)[None]}]}
       for g, c in enumerate(components)}}
   state = _state(spec, frozen, tiny.stage2.optimizer, seed=3)
   state = state.replace(params={**state.params, "groups": {

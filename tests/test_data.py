@@ -1,11 +1,21 @@
+import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 from kamal_jax import data
 
 
-def test_digits_are_read_through_tfds(data_dir):
-  digits = data.load("digits", data_dir)
+def _source(name, **fields):
+  return ml_collections.ConfigDict({"name": name, "data_dir": "", **fields})
+
+
+@pytest.fixture(scope="module")
+def digits(data_dir):
+  return data.load(_source("digits", data_dir=data_dir))
+
+
+def test_digits_are_read_through_tfds(digits):
   assert digits.images.shape == (1797, 8, 8, 1)
   assert digits.images.dtype == np.float32
   assert 0.0 <= digits.images.min() and digits.images.max() <= 1.0
@@ -18,7 +28,50 @@ def test_digits_are_read_through_tfds(data_dir):
 
 def test_unknown_dataset_names_the_choices():
   with pytest.raises(ValueError, match="Unknown dataset 'mnist2'.*digits"):
-    data.load("mnist2")
+    data.load(_source("mnist2"))
+
+
+def _folder(path, size=8, channels=1):
+  return data.load(_source("folder", path=str(path), image_size=size, channels=channels))
+
+
+def test_an_image_folder_round_trips_the_digits(digits, tmp_path):
+  subset = digits.subset(np.arange(40))
+  data.folder.write(subset.images, subset.labels, subset.class_names, tmp_path)
+  (tmp_path / "3" / ".DS_Store").write_bytes(b"not an image, and hidden")
+  loaded = _folder(tmp_path)
+  names = np.array(subset.class_names)[subset.labels]
+  order = np.argsort(names, kind="stable")  # by class folder, then by file name
+  assert loaded.class_names == tuple(sorted(set(names)))
+  np.testing.assert_array_equal(np.array(loaded.class_names)[loaded.labels], names[order])
+  np.testing.assert_allclose(loaded.images, subset.images[order], atol=0.5 / 255 + 1e-6)
+
+
+def test_folder_images_are_resized_and_converted(tmp_path):
+  (tmp_path / "cat").mkdir()
+  (tmp_path / "dog" / "nested").mkdir(parents=True)
+  Image.new("L", (30, 17), color=200).save(tmp_path / "cat" / "a.jpg")
+  Image.new("RGBA", (5, 9), color=(255, 0, 0, 255)).save(tmp_path / "dog" / "nested" / "b.png")
+  loaded = _folder(tmp_path, size=12, channels=3)
+  assert loaded.images.shape == (2, 12, 12, 3) and loaded.class_names == ("cat", "dog")
+  np.testing.assert_allclose(loaded.images[0], 200 / 255, atol=2 / 255)  # grey -> RGB
+  np.testing.assert_allclose(loaded.images[1, 0, 0], [1.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: None, "does not exist"),
+    (lambda root: root.write_text("a file"), "is not a folder"),
+    (lambda root: root.mkdir(), "has no class sub-folders"),
+    (lambda root: (root / "cat").mkdir(parents=True), "Class 'cat' has no images"),
+    (lambda root: ((root / "cat").mkdir(parents=True),
+                   (root / "cat" / "broken.png").write_bytes(b"\x89PNG garbage")),
+     "Cannot read image .*broken.png"),
+])
+def test_bad_folders_name_the_problem(tmp_path, make, message):
+  root = tmp_path / "images"
+  make(root)
+  with pytest.raises(ValueError, match=message):
+    _folder(root)
 
 
 def test_stratified_split_is_seeded_disjoint_and_keeps_class_shares():

@@ -4,7 +4,7 @@ Tests that build networks use these same shapes, so compiled programs are shared
 memory, and through the compilation cache). The argument is the tfds data directory:
   --config=tests/tiny_config.py:/path/to/tfds
 """
-from configs import digits
+from kamal_jax.configs import digits
 
 
 def get_config(data_dir: str = ""):

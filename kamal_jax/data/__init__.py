@@ -10,6 +10,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow_datasets as tfds
 
+from kamal_jax.data import folder
 from kamal_jax.data.digits import Digits
 
 
@@ -23,12 +24,19 @@ class LabeledImages(NamedTuple):
 
 
 BUILDERS = {"digits": Digits}
+NAMES = (*BUILDERS, "folder")
 
 
-def load(name: str, data_dir: str = "") -> LabeledImages:
-  """All examples of a dataset held in memory, in a fixed order (by 'id')."""
-  if name not in BUILDERS:
-    raise ValueError(f"Unknown dataset {name!r}: use one of {sorted(BUILDERS)}.")
+def load(cfg) -> LabeledImages:
+  """All examples of config.data's dataset held in memory, in a fixed order: a tfds
+  builder's by 'id' (cfg.name, files in cfg.data_dir), or a user's image folder's
+  (cfg.name 'folder': cfg.path, every image resized to cfg.image_size and converted
+  to cfg.channels; see `folder`)."""
+  if cfg.name == "folder":
+    return LabeledImages(*folder.load(cfg.path, cfg.image_size, cfg.channels))
+  if cfg.name not in BUILDERS:
+    raise ValueError(f"Unknown dataset {cfg.name!r}: use one of {list(NAMES)}.")
+  name, data_dir = cfg.name, cfg.data_dir
   builder = BUILDERS[name](data_dir=os.path.expanduser(data_dir) or None,
                            file_format="array_record")
   builder.download_and_prepare()
