@@ -44,7 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # student only the target classes' images, as the reference code does.
       pool="all",
       # Each image is shown in one of these domains, drawn with the seed.
-      domains=("original",)))
+      domains=("original",),
+      # Per-channel normalisation of the networks' input (empty: none).
+      mean=(), std=()))
 
   # Student heads follow the part names in sorted order.
   c.target = ml_collections.ConfigDict(dict(parts=dict(

@@ -142,8 +142,8 @@ def amalgamation_loss(spec: Amalgamation, params, batch_stats, frozen, batch):
   frozen: {'groups': {str(g): {'stacks': [{'nets': stacked variables [K_s, ...],
   'index': [K_s, P] logit positions of the part in each network}, one per stack]}}}.
   batch: {'image': [B, H, W, C]}, plus 'key' (raw PRNG key data) for the random
-  rule and 'label' ([B] positions in the network's concatenated heads, -1 outside
-  them) for the oracle rule; no other stage-1 or stage-2 batch carries labels.
+  rule and 'label' ([B, G]: each image's position in head g's part, -1 outside it)
+  for the oracle rule; no other stage-1 or stage-2 batch carries labels.
   """
   x = batch["image"]
   net, batch_stats = _train_apply(spec.net, params["net"], batch_stats, x)
@@ -151,14 +151,11 @@ def amalgamation_loss(spec: Amalgamation, params, batch_stats, frozen, batch):
   bounds = np.cumsum((0,) + spec.head_sizes)
   total, metrics = 0.0, {}
   for g, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
-    labels = None
-    if "label" in batch:
-      inside = (batch["label"] >= start) & (batch["label"] < stop)
-      labels = jnp.where(inside, batch["label"] - start, -1)
     loss, group_metrics = _group_loss(
         spec, g, params["groups"][str(g)], frozen["groups"][str(g)], x,
         net.logits[:, start:stop], net.feats,
-        None if key is None else jax.random.fold_in(key, g), labels)
+        None if key is None else jax.random.fold_in(key, g),
+        batch["label"][:, g] if "label" in batch else None)
     total = total + loss
     metrics.update({f"{g}/{name}": value for name, value in group_metrics.items()})
   return total, (metrics, batch_stats)

@@ -4,6 +4,7 @@ Networks run data-parallel in eval mode; the scoring is NumPy on the gathered
 logits, so every number is a plain function of logits and labels.
 """
 import functools
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -25,28 +26,21 @@ def _predictor(module: nn.Module, stacked: bool):
   return jax.pmap(functools.partial(_logits, module, stacked), axis_name=AXIS)
 
 
-def predict(module: nn.Module, variables, images: np.ndarray, batch_size: int,
-            stacked: bool = False) -> np.ndarray:
-  """Logits [N, C], or [K, N, C] for stacked variables, in fixed-size batches (the
-  last one padded) so one compiled program serves every batch."""
+def predict(module: nn.Module, variables, read: Callable[[np.ndarray], np.ndarray],
+            count: int, batch_size: int, stacked: bool = False) -> np.ndarray:
+  """Logits [N, C], or [K, N, C] for stacked variables, of the images `read(indices)`
+  gives for indices 0..count-1, in fixed-size batches (the last one padded with
+  repeats) so one compiled program serves every batch."""
   devices = jax.local_device_count()
   predictor = _predictor(module, stacked)
   variables = replicate(variables)
-  count = len(images)
-  padded = np.concatenate(
-      [images, np.zeros((-count % batch_size,) + images.shape[1:], images.dtype)])
   chunks = []
-  for start in range(0, len(padded), batch_size):
-    chunks.append(predictor(variables, data.shard(padded[start:start + batch_size], devices)))
+  for start in range(0, count, batch_size):
+    indices = np.minimum(np.arange(start, start + batch_size), count - 1)
+    chunks.append(predictor(variables, data.shard(read(indices), devices)))
   logits = np.concatenate([np.asarray(c).reshape((-1,) + c.shape[2:]) for c in chunks])
   logits = logits[:count]
   return logits.transpose(1, 0, 2) if stacked else logits
-
-
-def positions(labels: np.ndarray, class_names, classes) -> np.ndarray:
-  """Each sample's position in `classes` (a part, a label set), -1 outside them."""
-  lookup = {name: i for i, name in enumerate(classes)}
-  return np.array([lookup.get(class_names[label], -1) for label in labels], np.int32)
 
 
 def accuracy(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -111,12 +105,13 @@ def joint_accuracies(student_logits: np.ndarray, head_sizes, targets: np.ndarray
           "least_ambiguous_head": float(np.mean(prediction == targets))}
 
 
-def score(plan: tasks.AmalgamationPlan, class_names, labels: np.ndarray,
+def score(plan: tasks.AmalgamationPlan, heads, labels: np.ndarray,
           teacher_logits: dict[str, np.ndarray], component_logits: list | None,
           student_logits: np.ndarray, measure: str) -> dict:
   """The accuracies of the report on one labelled split.
 
-  teacher_logits: {name: [N, C_t]}; component_logits: G arrays [N, P_g] (None where
+  heads, labels [N, H]: the dataset's label heads and each image's class in each
+  (see `tasks.label_positions`). teacher_logits: {name: [N, C_t]}; component_logits: G arrays [N, P_g] (None where
   the pipeline has no components); student_logits: [N, sum P]. Teachers, components and
   the student's head g are scored on the images of part g, each by argmax over the
   part's classes.
@@ -127,7 +122,7 @@ def score(plan: tasks.AmalgamationPlan, class_names, labels: np.ndarray,
   components, per_part, counts = [], {}, {}
   bounds = np.cumsum((0,) + plan.head_sizes)  # the student's heads in its logits
   for g, group in enumerate(plan.groups):
-    targets = positions(labels, class_names, group.part.classes)
+    targets = tasks.label_positions(labels, heads, group.part.classes)
     inside = targets >= 0
     targets = targets[inside]
     counts[group.part.name] = int(inside.sum())
@@ -146,9 +141,12 @@ def score(plan: tasks.AmalgamationPlan, class_names, labels: np.ndarray,
     if parts:  # over the parts it covers, weighted by their test images
       entry["accuracy"] = float(np.average(list(parts.values()),
                                            weights=[counts[p] for p in parts]))
-  targets = positions(labels, class_names, plan.target_classes)
-  inside = targets >= 0
-  joint = joint_accuracies(student_logits[inside], plan.head_sizes, targets[inside], measure)
+  joint = {"argmax": None, "least_ambiguous_head": None}  # parts not exclusive
+  if tasks.shared_head(heads, plan.parts):
+    targets = tasks.label_positions(labels, heads, plan.target_classes)
+    inside = targets >= 0
+    joint = joint_accuracies(student_logits[inside], plan.head_sizes, targets[inside],
+                             measure)
   return {
       "teachers": list(teachers.values()),
       "components": components,

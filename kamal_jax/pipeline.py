@@ -14,7 +14,6 @@ import json
 import time
 import zlib
 from pathlib import Path
-from typing import Callable
 
 import jax
 import ml_collections
@@ -42,7 +41,6 @@ class Run:
   config: ml_collections.ConfigDict
   workdir: Path
   dataset: data.LabeledImages  # every image in its original domain
-  images: np.ndarray  # [N, ...] each image in its own domain: what stages 1-2 and tests see
   domains: np.ndarray  # [N] each image's index into config.data.domains
   train_indices: np.ndarray  # the unlabeled pool (and the teachers' training images)
   test_indices: np.ndarray  # held out from every stage
@@ -56,6 +54,23 @@ class Run:
   def key(self, stream: str):
     root = jax.random.key(self.config.seed, impl=self.config.rng_impl)
     return jax.random.fold_in(root, zlib.crc32(stream.encode()))
+
+  def images(self, indices: np.ndarray, domain: str | None = None,
+             stream: str | None = None, step: int = 0) -> np.ndarray:
+    """Images [B, S, S, C] as the networks see them: each in its own domain (what
+    stages 1-2 and the tests see) or all in `domain` (a teacher's training images);
+    augmented as config.data says when a training stream is named; then normalised
+    by config.data's mean and std where it gives them."""
+    rng = None if stream is None else data.stream_rng(self.config.seed, f"{stream}/images", step)
+    x = self.dataset.images.read(indices, rng)
+    if domain is None:
+      x = data.in_domains(x, self.domains[indices], tuple(self.config.data.domains))
+    else:
+      x = data.in_domain(x, domain)
+    if self.config.data.mean:
+      x = (x - np.asarray(self.config.data.mean, np.float32)) / np.asarray(
+          self.config.data.std, np.float32)
+    return x
 
   def teacher_domain(self, name: str) -> str:
     return self.config.teacher_domains.get(name, self.config.data.domains[0])
@@ -104,8 +119,14 @@ def _variables(state: train.TrainState) -> dict:
 
 
 def _labels_in(run: Run, indices: np.ndarray, classes) -> np.ndarray:
-  """The images' positions in `classes`, -1 for images of other classes."""
-  return evaluate.positions(run.dataset.labels[indices], run.dataset.class_names, classes)
+  """The images' positions in `classes` (a part, a teacher's head), -1 for images
+  without a label among them."""
+  return tasks.label_positions(run.dataset.labels[indices], run.dataset.heads, classes)
+
+
+def _head_labels(run: Run, indices: np.ndarray, heads) -> np.ndarray:
+  """[N, len(heads)]: the images' positions in each head (or part)."""
+  return np.stack([_labels_in(run, indices, head.classes) for head in heads], axis=-1)
 
 
 def _of_classes(run: Run, indices: np.ndarray, classes) -> np.ndarray:
@@ -121,22 +142,25 @@ def _pool(run: Run, classes) -> np.ndarray:
   return _of_classes(run, run.train_indices, classes)
 
 
-def train_supervised(run: Run, name: str, stage: str, module, label_sets: dict,
-                     images_of: dict[str, Callable], cfg) -> teachers.TeacherStack:
-  """Trains K networks of one architecture from labels, all in one step: network k
-  on the training images of its classes (`label_sets[k]`), as `images_of[k]` renders
-  them. The teachers of the pool are trained this way, and so is the supervised
-  student."""
-  names = tuple(label_sets)
-  members = [_of_classes(run, run.train_indices, label_sets[n]) for n in names]
-  x = run.images[:1]
+def train_supervised(run: Run, name: str, stage: str, module, spaces: dict,
+                     domains: dict[str, str | None], cfg) -> teachers.TeacherStack:
+  """Trains K networks of one architecture and head layout from labels, all in one
+  step: network k (label space `spaces[k]`) on the training images labelled in each
+  of its heads, all in domain `domains[k]` (None: each image in its own). The
+  teachers of the pool are trained this way, and so is the supervised student."""
+  names = tuple(spaces)
+  members = [run.train_indices[np.all(_head_labels(
+      run, run.train_indices, spaces[n].heads) >= 0, axis=-1)] for n in names]
+  x = run.images(np.arange(1))
 
   def batch_fn(step):
     picks = [m[data.batch_indices(len(m), cfg.batch_size, run.config.seed,
                                   f"{name}/{n}", step)] for n, m in zip(names, members)]
     return _sharded({
-        "image": np.stack([images_of[n](p) for n, p in zip(names, picks)]),
-        "label": np.stack([_labels_in(run, p, label_sets[n]) for n, p in zip(names, picks)]),
+        "image": np.stack([run.images(p, domains[n], f"{name}/{n}", step)
+                           for n, p in zip(names, picks)]),
+        "label": np.stack([_head_labels(run, p, spaces[n].heads)
+                           for n, p in zip(names, picks)]),
     }, axis=1)
 
   def make_state():
@@ -145,7 +169,8 @@ def train_supervised(run: Run, name: str, stage: str, module, label_sets: dict,
     return train.create_state({"params": {"net": variables["params"]},
                                "batch_stats": variables["batch_stats"]}, cfg.optimizer, cfg.steps)
 
-  state = run.fit(name, stage, make_state, teachers.supervised_loss, module, None,
+  spec = teachers.Supervised(module, tuple(len(h.classes) for h in spaces[names[0]].heads))
+  state = run.fit(name, stage, make_state, teachers.supervised_loss, spec, None,
                   batch_fn, cfg, labels={"": names})
   return teachers.TeacherStack(names, module, _variables(state))
 
@@ -162,11 +187,10 @@ def train_teachers(run: Run) -> list[teachers.TeacherStack]:
       pool.append(teachers.stack(members))
       continue
     name = "teachers" if len(to_train) == 1 else f"teachers_{to_train.index(names) + 1}"
-    images_of = {n: (lambda idx, d=run.teacher_domain(n):
-                     data.in_domain(run.dataset.images[idx], d)) for n in names}
     pool.append(train_supervised(run, name, "teachers", members[0].module,
-                                 {t.name: t.label_space.classes for t in members},
-                                 images_of, run.config.teacher_training))
+                                 {t.name: t.label_space for t in members},
+                                 {n: run.teacher_domain(n) for n in names},
+                                 run.config.teacher_training))
   return pool
 
 
@@ -181,17 +205,18 @@ def _amalgamation(run: Run, net, head_sizes, frozen_nets, **overrides) -> amalga
                                  head_sizes=tuple(head_sizes), **dict(settings, **overrides))
 
 
-def _amalgamation_batches(run: Run, spec, indices: np.ndarray, classes, stream: str,
+def _amalgamation_batches(run: Run, spec, indices: np.ndarray, parts, stream: str,
                           batch_size: int):
   """batch_fn over the given images: only 'image' reaches the step, plus a PRNG key
-  per device for the random rule and labels for the oracle (an upper bound)."""
+  per device for the random rule and, for the oracle (an upper bound), labels [B, G]:
+  each image's position in each of the network's G parts."""
   devices = jax.local_device_count()
 
   def batch_fn(step):
     picks = indices[data.batch_indices(len(indices), batch_size, run.config.seed, stream, step)]
-    batch = {"image": run.images[picks]}
+    batch = {"image": run.images(picks, stream=stream, step=step)}
     if spec.selection in ambiguity.NEEDS_LABELS:
-      batch["label"] = _labels_in(run, picks, classes)
+      batch["label"] = _head_labels(run, picks, parts)
     batch = _sharded(batch)
     if spec.selection in ambiguity.NEEDS_KEY:
       rng = data.stream_rng(run.config.seed, f"{stream}/keys", step)
@@ -201,17 +226,17 @@ def _amalgamation_batches(run: Run, spec, indices: np.ndarray, classes, stream: 
   return batch_fn
 
 
-def _amalgamate(run: Run, name: str, stage: str, spec, frozen, classes, pool, cfg,
+def _amalgamate(run: Run, name: str, stage: str, spec, frozen, parts, pool, cfg,
                 labels) -> dict:
   """Trains spec.net by `amalgamation_loss` and returns its variables."""
-  x = run.images[:1]
+  x = run.images(np.arange(1))
   shapes = _shapes(frozen)
 
   def make_state():
     variables = amalgamate.init(spec, run.key(name), shapes, x)
     return train.create_state(variables, cfg.optimizer, cfg.steps)
 
-  batch_fn = _amalgamation_batches(run, spec, pool, classes, name, cfg.batch_size)
+  batch_fn = _amalgamation_batches(run, spec, pool, parts, name, cfg.batch_size)
   state = run.fit(name, stage, make_state, amalgamate.amalgamation_loss, spec, frozen,
                   batch_fn, cfg, labels)
   return _variables(state)
@@ -236,7 +261,7 @@ def amalgamate_groups(run: Run, pool: list[teachers.TeacherStack]) -> list[dict]
                          (len(group.part.classes),), (modules,))
     components.append(_amalgamate(
         run, f"stage1_{group.part.name}", "stage1", spec, {"groups": {"0": frozen}},
-        group.part.classes, _pool(run, group.part.classes), run.config.stage1,
+        [group.part], _pool(run, group.part.classes), run.config.stage1,
         {"0": group.teachers}))
   return components
 
@@ -247,9 +272,13 @@ def train_student(run: Run, pool: list[teachers.TeacherStack], components) -> di
   plan, cfg = run.plan, run.config.stage2
   student = _student_arch(run)
   if run.config.pipeline == "supervised":
-    images_of = {"student": lambda idx: run.images[idx]}
-    stack = train_supervised(run, "stage2", "stage2", student,
-                             {"student": plan.target_classes}, images_of, cfg)
+    # One softmax over all target classes where they are exclusive (one dataset
+    # head), else one per part (attributes).
+    space = tasks.LabelSpace((tasks.Head("student", plan.target_classes),)
+                             if tasks.shared_head(run.dataset.heads, plan.parts)
+                             else plan.parts)
+    stack = train_supervised(run, "stage2", "stage2", student, {"student": space},
+                             {"student": None}, cfg)
     return teachers.take(stack.variables, 0)
   if run.config.pipeline == "single_stage":
     modules, frozen = zip(*(_group_frozen(pool, group) for group in plan.groups))
@@ -266,7 +295,7 @@ def train_student(run: Run, pool: list[teachers.TeacherStack], components) -> di
         "index": np.arange(len(group.part.classes), dtype=np.int32)[None]}]}
         for g, (c, group) in enumerate(zip(components, plan.groups))}}
     labels = {str(g): (group.part.name,) for g, group in enumerate(plan.groups)}
-  return _amalgamate(run, "stage2", "stage2", spec, frozen, plan.target_classes,
+  return _amalgamate(run, "stage2", "stage2", spec, frozen, plan.parts,
                      _pool(run, plan.target_classes), cfg, labels)
 
 
@@ -275,12 +304,19 @@ def _restricted(logits: dict[str, np.ndarray], group: tasks.Group) -> np.ndarray
   return np.stack([logits[t][:, index] for t, index in zip(group.teachers, group.index)])
 
 
-def _teacher_logits(run: Run, pool: list[teachers.TeacherStack], images) -> dict:
-  """{teacher name: logits [N, C_t]}, each stack in one program."""
+def _predict(run: Run, module, variables, indices: np.ndarray, stacked: bool = False):
+  """Logits of a network (or a stack) on the images at `indices`."""
+  return evaluate.predict(module, variables, lambda at: run.images(indices[at]),
+                          len(indices), run.config.eval_batch_size, stacked)
+
+
+def _teacher_logits(run: Run, pool: list[teachers.TeacherStack], indices) -> dict:
+  """{teacher name: logits [N, C_t]} on the images at `indices`, each stack in one
+  program."""
   logits = {}
   for stack in pool:
-    logits.update(zip(stack.names, evaluate.predict(
-        stack.module, stack.variables, images, run.config.eval_batch_size, stacked=True)))
+    logits.update(zip(stack.names, _predict(run, stack.module, stack.variables, indices,
+                                            stacked=True)))
   return logits
 
 
@@ -307,11 +343,9 @@ def _selection(run: Run, g: int, group: tasks.Group, logits: dict,
 def evaluate_all(run: Run, pool: list[teachers.TeacherStack], components, student) -> dict:
   """Scores every network on the held-out split; adds sizes and selection stats."""
   cfg, plan = run.config, run.plan
-  batch = cfg.eval_batch_size
-  test_images = run.images[run.test_indices]
-  teacher_logits = _teacher_logits(run, pool, test_images)
+  teacher_logits = _teacher_logits(run, pool, run.test_indices)
   component_logits = [
-      evaluate.predict(_teacher_arch(cfg, len(g.part.classes)), c, test_images, batch)
+      _predict(run, _teacher_arch(cfg, len(g.part.classes)), c, run.test_indices)
       for g, c in zip(plan.groups, components)] or None
   teacher_params = {n: train.count_params(teachers.take(s.variables, i)["params"])
                     for s in pool for i, n in enumerate(s.names)}
@@ -321,9 +355,9 @@ def evaluate_all(run: Run, pool: list[teachers.TeacherStack], components, studen
     student_params = sum(teacher_params[t] for t in plan.used_teachers)
     forwards = len(plan.used_teachers)
   else:
-    student_logits = evaluate.predict(_student_arch(run), student, test_images, batch)
+    student_logits = _predict(run, _student_arch(run), student, run.test_indices)
     student_params, forwards = train.count_params(student["params"]), 1
-  result = evaluate.score(plan, run.dataset.class_names, run.dataset.labels[run.test_indices],
+  result = evaluate.score(plan, run.dataset.heads, run.dataset.labels[run.test_indices],
                           teacher_logits, component_logits, student_logits,
                           cfg.stage1.ambiguity)
   result["student"].update(params=student_params, inference_forwards=forwards)
@@ -331,7 +365,7 @@ def evaluate_all(run: Run, pool: list[teachers.TeacherStack], components, studen
     entry["params"] = teacher_params[entry["name"]]
 
   # What each component learns from: on its stage-1 pool, and on the test images.
-  pool_logits = _teacher_logits(run, pool, run.images[run.train_indices])
+  pool_logits = _teacher_logits(run, pool, run.train_indices)
   for g, (group, entry) in enumerate(zip(plan.groups, result["components"])):
     images = _pool(run, group.part.classes)
     at = np.searchsorted(run.train_indices, images)
@@ -359,6 +393,9 @@ def validate(config: ml_collections.ConfigDict):
     if value not in allowed:
       raise ValueError(f"{name}={value!r}: use one of {list(allowed)}.")
   ambiguity.get(config.stage1.ambiguity)
+  if len(config.data.mean) != len(config.data.std):
+    raise ValueError(f"data.mean {tuple(config.data.mean)} and data.std "
+                     f"{tuple(config.data.std)} differ in length: give one per channel.")
   if config.data.name == "folder" and not config.data.get("path"):
     raise ValueError("data.path is empty: set --config.data.path to a folder with one "
                      "sub-folder of images per class.")
@@ -394,17 +431,17 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> R
       raise ValueError(f"{field} names {strangers}, which are not teachers "
                        f"{sorted(spaces)}: fix the names.")
   sources = _sources(config, spaces)
-  stacks = teachers.stack_order(
-      {n: (t.module, t.variables is None) for n, t in sources.items()})
+  stacks = teachers.stack_order({n: (t.module, t.variables is None, tuple(
+      len(h.classes) for h in t.label_space.heads)) for n, t in sources.items()})
   plan = tasks.make_plan(config.target.parts,
                          {n: spaces[n] for names in stacks for n in names})
   train_indices, test_indices = data.stratified_split(
       dataset.labels, config.data.test_fraction, config.seed)
-  images, domains = data.mix_domains(dataset.images, tuple(config.data.domains), config.seed)
+  domains = data.assign_domains(len(dataset.labels), tuple(config.data.domains), config.seed)
   # The workdir is touched only once the config has passed every check above.
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  return Run(config, workdir, dataset, images, domains, train_indices, test_indices, plan,
+  return Run(config, workdir, dataset, domains, train_indices, test_indices, plan,
              sources, tuple(stacks), train.MetricLog(workdir), tuple(train_stages))
 
 

@@ -27,10 +27,13 @@ def summary(result: dict) -> str:
                  student["accuracy_per_part"][c["name"]]])
   pipeline = result.get("pipeline", "two_stage")
   student_name = "ensemble" if pipeline == "ensemble" else "student"
+  joint = "parts not exclusive: no joint accuracy"  # e.g. one head per attribute
+  if student["accuracy_joint"] is not None:
+    joint = (f"joint accuracy {student['accuracy_joint']:.4f} (least-ambiguous head: "
+             f"{student['accuracy_joint_least_ambiguous_head']:.4f})")
   lines = [table(["part", "classes", "teachers", "component", student_name], rows), "",
-           f"{pipeline}: {student_name} joint accuracy {student['accuracy_joint']:.4f} "
-           f"(least-ambiguous head: {student['accuracy_joint_least_ambiguous_head']:.4f}); "
-           f"{student['params']:,} params, {student['inference_forwards']} forward(s) per image"]
+           f"{pipeline}: {student_name} {joint}; {student['params']:,} params, "
+           f"{student['inference_forwards']} forward(s) per image"]
   params = [c["params"] for c in result["components"] if c["params"]]
   if params:
     lines[-1] += f"; components {sum(params):,} params"

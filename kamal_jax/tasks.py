@@ -70,6 +70,32 @@ def label_space(spec, owner: str) -> LabelSpace:
   return space
 
 
+def label_positions(labels: np.ndarray, heads: Sequence[Head], classes) -> np.ndarray:
+  """Each sample's position in `classes` (a part, a head of a teacher), -1 where none
+  of its labels is among them.
+
+  A dataset's labels are heads too: labels [N, H] hold each sample's class index in
+  each of the dataset's H heads, -1 where it has none (a class dataset has one head;
+  CelebA one 2-way head per attribute; a union of datasets one head per dataset).
+  """
+  labels = np.asarray(labels).reshape(len(labels), -1)
+  lookup = {name: i for i, name in enumerate(classes)}
+  found = np.full(len(labels), -1, np.int32)
+  for h, head in enumerate(heads):
+    table = np.array([lookup.get(c, -1) for c in head.classes] + [-1], np.int32)
+    found = np.maximum(found, table[labels[:, h]])  # index -1 reads the trailing -1
+  return found
+
+
+def shared_head(heads: Sequence[Head], parts: Sequence[Head]) -> bool:
+  """Whether every part's classes lie in one head of the dataset, so the parts are
+  mutually exclusive and a prediction over all of them (joint accuracy, a single
+  softmax) means something; attributes, each its own head, are not."""
+  homes = {next((h for h, head in enumerate(heads) if c in head.classes), None)
+           for part in parts for c in part.classes}
+  return len(homes) == 1 and None not in homes
+
+
 @dataclasses.dataclass(frozen=True)
 class Group:
   """The teachers that share one part, and where the part sits in their logits."""

@@ -129,20 +129,31 @@ def stacked_apply(module: nn.Module, variables, x: jnp.ndarray) -> Outputs:
   return map_stacked(lambda v: module.apply(v, x, train=False), variables)
 
 
-def supervised_loss(module: nn.Module, params, batch_stats, frozen, batch):
+@dataclasses.dataclass(frozen=True)
+class Supervised:
+  """Networks trained from labels: a softmax cross-entropy per head of their logits."""
+  module: nn.Module
+  head_sizes: tuple[int, ...]
+
+
+def supervised_loss(spec: Supervised, params, batch_stats, frozen, batch):
   """Cross-entropy of K stacked networks, each on its own batch.
 
-  batch: {'image': [K, B, H, W, C], 'label': [K, B]} with labels local to each
-  network's label space. The loss is the sum over networks of their mean
-  cross-entropy, so each network's gradient is its own.
+  batch: {'image': [K, B, H, W, C], 'label': [K, B, heads]} with labels local to each
+  head. The loss is the sum over networks of the mean over samples of the summed
+  per-head cross-entropies, so each network's gradient is its own.
   """
   del frozen
+  bounds = np.cumsum((0,) + spec.head_sizes)
 
   def one(net_params, stats, images, labels):
-    outputs, updates = module.apply({"params": net_params, "batch_stats": stats},
-                                    images, train=True, mutable=["batch_stats"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(outputs.logits, labels)
-    accuracy = jnp.mean(jnp.argmax(outputs.logits, -1) == labels)
+    outputs, updates = spec.module.apply({"params": net_params, "batch_stats": stats},
+                                         images, train=True, mutable=["batch_stats"])
+    heads = [outputs.logits[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    ce = sum(optax.softmax_cross_entropy_with_integer_labels(z, labels[:, h])
+             for h, z in enumerate(heads))
+    accuracy = jnp.mean(jnp.stack([jnp.argmax(z, -1) == labels[:, h]
+                                   for h, z in enumerate(heads)]))
     return jnp.mean(ce), accuracy, updates["batch_stats"]
 
   ce, accuracy, batch_stats = map_stacked(one, params["net"], batch_stats,

@@ -4,6 +4,7 @@ import pytest
 from PIL import Image
 
 from kamal_jax import data
+from kamal_jax.configs import folder
 
 
 def _source(name, **fields):
@@ -16,14 +17,14 @@ def digits(data_dir):
 
 
 def test_digits_are_read_through_tfds(digits):
-  assert digits.images.shape == (1797, 8, 8, 1)
-  assert digits.images.dtype == np.float32
-  assert 0.0 <= digits.images.min() and digits.images.max() <= 1.0
+  images = digits.images.array
+  assert images.shape == (1797, 8, 8, 1) and images.dtype == np.float32
+  assert 0.0 <= images.min() and images.max() <= 1.0
   assert digits.class_names == tuple("0123456789")
   from sklearn.datasets import load_digits
   reference = load_digits()  # same order, same values: the 'id' feature restores it
-  np.testing.assert_array_equal(digits.labels, reference.target)
-  np.testing.assert_allclose(digits.images[..., 0], reference.images / 16.0)
+  np.testing.assert_array_equal(digits.labels, reference.target[:, None])
+  np.testing.assert_allclose(digits.images.array[..., 0], reference.images / 16.0)
 
 
 def test_unknown_dataset_names_the_choices():
@@ -32,19 +33,24 @@ def test_unknown_dataset_names_the_choices():
 
 
 def _folder(path, size=8, channels=1):
-  return data.load(_source("folder", path=str(path), image_size=size, channels=channels))
+  """configs/folder.py's data settings on `path`."""
+  cfg = folder.get_config().data
+  cfg.update(path=str(path), image_size=size, channels=channels)
+  return data.load(cfg)
 
 
 def test_an_image_folder_round_trips_the_digits(digits, tmp_path):
-  subset = digits.subset(np.arange(40))
-  data.folder.write(subset.images, subset.labels, subset.class_names, tmp_path)
+  images, labels = digits.images.array[:40], digits.labels[:40, 0]
+  data.folder.write(images, labels, digits.class_names, tmp_path)
   (tmp_path / "3" / ".DS_Store").write_bytes(b"not an image, and hidden")
   loaded = _folder(tmp_path)
-  names = np.array(subset.class_names)[subset.labels]
+  names = np.array(digits.class_names)[labels]
   order = np.argsort(names, kind="stable")  # by class folder, then by file name
   assert loaded.class_names == tuple(sorted(set(names)))
-  np.testing.assert_array_equal(np.array(loaded.class_names)[loaded.labels], names[order])
-  np.testing.assert_allclose(loaded.images, subset.images[order], atol=0.5 / 255 + 1e-6)
+  np.testing.assert_array_equal(np.array(loaded.class_names)[loaded.labels[:, 0]],
+                                names[order])
+  np.testing.assert_allclose(loaded.images.read(np.arange(40)), images[order],
+                             atol=0.5 / 255 + 1e-6)
 
 
 def test_folder_images_are_resized_and_converted(tmp_path):
@@ -53,9 +59,42 @@ def test_folder_images_are_resized_and_converted(tmp_path):
   Image.new("L", (30, 17), color=200).save(tmp_path / "cat" / "a.jpg")
   Image.new("RGBA", (5, 9), color=(255, 0, 0, 255)).save(tmp_path / "dog" / "nested" / "b.png")
   loaded = _folder(tmp_path, size=12, channels=3)
-  assert loaded.images.shape == (2, 12, 12, 3) and loaded.class_names == ("cat", "dog")
-  np.testing.assert_allclose(loaded.images[0], 200 / 255, atol=2 / 255)  # grey -> RGB
-  np.testing.assert_allclose(loaded.images[1, 0, 0], [1.0, 0.0, 0.0])
+  assert loaded.class_names == ("cat", "dog")
+  images = loaded.images.read(np.array([0, 1]))
+  assert images.shape == (2, 12, 12, 3)
+  np.testing.assert_allclose(images[0], 200 / 255, atol=2 / 255)  # grey -> RGB
+  np.testing.assert_allclose(images[1, 0, 0], [1.0, 0.0, 0.0])
+
+
+def _halves(width=40, height=20) -> Image.Image:
+  """Black left half, white right half."""
+  pixels = np.zeros((height, width), np.uint8)
+  pixels[:, width // 2:] = 255
+  return Image.fromarray(pixels)
+
+
+def test_evaluation_view_resizes_the_shorter_side_then_centre_crops():
+  # 40x20 at size 10: resized to 20x10, then its centre columns 5..14.
+  out = data.images.eval_view(_halves(), data.images.View(10), channels=1)
+  assert out.shape == (10, 10, 1)
+  np.testing.assert_allclose(out[:, :4, 0], 0.0, atol=1e-6)
+  np.testing.assert_allclose(out[:, 6:, 0], 1.0, atol=1e-6)
+  # crop_fraction 0.5: the shorter side goes to 10 / 0.5 = 20 (no resize here), and
+  # the crop is the middle 10 columns, 15..24: exactly 5 dark, then 5 bright.
+  wide = data.images.eval_view(_halves(), data.images.View(10, crop_fraction=0.5), 1)
+  np.testing.assert_array_equal(wide[:, :, 0], np.repeat([[0.0] * 5 + [1.0] * 5], 10, 0))
+
+
+def test_training_view_is_a_pure_function_of_its_generator():
+  rows, columns = np.mgrid[:30, :30]
+  gradient = Image.fromarray((3 * rows + 5 * columns).astype(np.uint8))  # rises to the right
+  view = data.images.View(8, min_scale=0.5, flip=True)
+  draw = lambda seed: data.images.train_view(gradient, view, 1, np.random.default_rng(seed))
+  np.testing.assert_array_equal(draw(3), draw(3))
+  draws = np.stack([draw(seed) for seed in range(40)])
+  assert len({d.tobytes() for d in draws}) == 40  # every crop differs
+  flipped = draws[:, :, -1].mean(axis=(1, 2)) < draws[:, :, 0].mean(axis=(1, 2))
+  assert 10 < flipped.sum() < 30  # about half are mirrored
 
 
 @pytest.mark.parametrize("make, message", [
@@ -123,9 +162,10 @@ def test_domains_transform_images_and_keep_their_shape():
 
 def test_mixed_domains_are_seeded_and_balanced():
   images = np.random.default_rng(0).uniform(size=(400, 8, 8, 1)).astype(np.float32)
-  mixed, assigned = data.mix_domains(images, ("original", "inverted"), seed=1)
-  again, _ = data.mix_domains(images, ("original", "inverted"), seed=1)
-  np.testing.assert_array_equal(mixed, again)
+  assigned = data.assign_domains(len(images), ("original", "inverted"), seed=1)
+  np.testing.assert_array_equal(
+      assigned, data.assign_domains(len(images), ("original", "inverted"), seed=1))
   assert 0.4 < assigned.mean() < 0.6
+  mixed = data.in_domains(images, assigned, ("original", "inverted"))
   np.testing.assert_array_equal(mixed[assigned == 0], images[assigned == 0])
   np.testing.assert_allclose(mixed[assigned == 1], 1 - images[assigned == 1])

@@ -5,10 +5,6 @@ import numpy as np
 from kamal_jax import evaluate
 
 
-def test_positions_place_samples_in_a_class_list():
-  names = ("a", "b", "c", "d")
-  labels = np.array([0, 3, 2, 1])
-  np.testing.assert_array_equal(evaluate.positions(labels, names, ("c", "a")), [1, -1, 0, -1])
 
 
 def test_selection_stats_by_hand():

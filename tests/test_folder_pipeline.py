@@ -18,7 +18,7 @@ from kamal_jax.configs import folder
 def png_digits(tiny, tmp_path_factory):
   root = tmp_path_factory.mktemp("digits_png")
   digits = data.load(tiny.data)
-  data.folder.write(digits.images, digits.labels, digits.class_names, root)
+  data.folder.write(digits.images.array, digits.labels[:, 0], digits.class_names, root)
   return root
 
 

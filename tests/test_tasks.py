@@ -74,3 +74,18 @@ def test_bad_targets_and_label_sets_are_refused(parts, teachers, message):
 def test_label_set_must_be_a_list_or_mapping():
   with pytest.raises(ValueError, match="list of class names"):
     tasks.label_space("0123", "t")
+
+
+def test_label_positions_read_every_head_of_the_dataset():
+  heads = (tasks.Head("dogs", ("husky", "pug")), tasks.Head("cars", ("audi", "bmw", "fiat")))
+  labels = np.array([[0, -1], [1, -1], [-1, 2], [-1, 0]])  # two dogs, two cars
+  np.testing.assert_array_equal(
+      tasks.label_positions(labels, heads, ("fiat", "husky", "bmw")), [1, -1, 0, -1])
+  attributes = (tasks.attribute_head("Bangs"), tasks.attribute_head("Young"))
+  labels = np.array([[1, 0], [0, 0], [1, 1]])  # every image has every attribute
+  np.testing.assert_array_equal(
+      tasks.label_positions(labels, attributes, ("Young:0", "Young:1")), [0, 0, 1])
+  assert tasks.shared_head(heads, [tasks.Head("p", ("husky",)), tasks.Head("q", ("pug",))])
+  assert not tasks.shared_head(heads, [tasks.Head("p", ("husky", "audi"))])
+  assert not tasks.shared_head(attributes, [attributes[0], attributes[1]])
+  assert not tasks.shared_head(heads, [tasks.Head("p", ("unknown",))])

@@ -23,7 +23,7 @@ def setup(tiny):
 
   def batch_fn(step):
     picks = np.stack([(np.arange(BATCH) + 16 * ((step + k) % 4)) for k in range(K)])  # [K, B]
-    batch = {"image": images[picks], "label": labels[picks]}  # [K, B, ...]
+    batch = {"image": images[picks], "label": labels[picks][..., None]}  # [K, B, ...]
     return {k: np.moveaxis(v.reshape((K, devices, -1) + v.shape[2:]), 1, 0)
             for k, v in batch.items()}
 
@@ -34,16 +34,16 @@ def setup(tiny):
                                "batch_stats": variables["batch_stats"]},
                               tiny.teacher_training.optimizer, 6)
 
-  return module, batch_fn, make_state
+  return teachers.Supervised(module, (4,)), batch_fn, make_state
 
 
 def _fit(setup, directory, batch_fn=None, steps=6):
-  module, default_batch_fn, make_state = setup
+  spec, default_batch_fn, make_state = setup
   directory.mkdir(parents=True, exist_ok=True)
   log = train.MetricLog(directory)
   try:
     return train.fit("teachers", directory / "ckpt", make_state, teachers.supervised_loss,
-                     module, None, batch_fn or default_batch_fn,
+                     spec, None, batch_fn or default_batch_fn,
                      train.Schedule(steps, log_every=1, checkpoint_every=2), log,
                      labels={"": ("a", "b", "c", "d")})
   finally:

@@ -10,30 +10,45 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow_datasets as tfds
 
+from kamal_jax import tasks
 from kamal_jax.data import folder
 from kamal_jax.data.digits import Digits
+from kamal_jax.data.images import MODES, ArrayImages, EncodedImages, View
 
 
 class LabeledImages(NamedTuple):
-  images: np.ndarray  # [N, H, W, C] float32
-  labels: np.ndarray  # [N] int32, index into class_names
-  class_names: tuple[str, ...]
+  """Images behind a reader (`images.read(indices, rng)`, see `images`) and their
+  labels as heads (see `tasks.label_positions`): a class dataset has one head; an
+  attribute dataset one 2-way head per attribute."""
+  images: ArrayImages | EncodedImages
+  labels: np.ndarray  # [N, heads] int32: the class index in each head, -1 for none
+  heads: tuple[tasks.Head, ...]
 
-  def subset(self, indices: np.ndarray) -> "LabeledImages":
-    return LabeledImages(self.images[indices], self.labels[indices], self.class_names)
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return tuple(c for head in self.heads for c in head.classes)
 
 
 BUILDERS = {"digits": Digits}
+
+
+def view(cfg) -> View:
+  """How config.data cuts images to the networks' input (see `images.View`)."""
+  if cfg.channels not in MODES:
+    raise ValueError(f"data.channels={cfg.channels}: use 1 (grey) or 3 (RGB).")
+  return View(cfg.image_size, cfg.crop_fraction, cfg.min_scale, cfg.flip)
 NAMES = (*BUILDERS, "folder")
 
 
 def load(cfg) -> LabeledImages:
-  """All examples of config.data's dataset held in memory, in a fixed order: a tfds
-  builder's by 'id' (cfg.name, files in cfg.data_dir), or a user's image folder's
-  (cfg.name 'folder': cfg.path, every image resized to cfg.image_size and converted
-  to cfg.channels; see `folder`)."""
+  """config.data's dataset, in a fixed order: a tfds builder's, held in memory, by
+  'id' (cfg.name, files in cfg.data_dir), or a user's image folder's, read per batch
+  (cfg.name 'folder': cfg.path; images cut to cfg.image_size by `view(cfg)` and
+  converted to cfg.channels; see `folder`)."""
   if cfg.name == "folder":
-    return LabeledImages(*folder.load(cfg.path, cfg.image_size, cfg.channels))
+    files, labels, class_names = folder.load(cfg.path)
+    return LabeledImages(EncodedImages(files, view(cfg), cfg.channels), labels[:, None],
+                         (tasks.Head("class", class_names),))
   if cfg.name not in BUILDERS:
     raise ValueError(f"Unknown dataset {cfg.name!r}: use one of {list(NAMES)}.")
   name, data_dir = cfg.name, cfg.data_dir
@@ -45,7 +60,8 @@ def load(cfg) -> LabeledImages:
   order = np.argsort([e["id"] for e in examples])
   images = np.stack([examples[i]["image"] for i in order]).astype(np.float32)
   labels = np.array([examples[i]["label"] for i in order], np.int32)
-  return LabeledImages(images, labels, tuple(builder.info.features["label"].names))
+  return LabeledImages(ArrayImages(images), labels[:, None],
+                       (tasks.Head("class", tuple(builder.info.features["label"].names)),))
 
 
 # Image domains for teachers "optimized for different datasets": each maps a batch
@@ -72,14 +88,18 @@ def in_domain(images: np.ndarray, domain: str) -> np.ndarray:
   return np.ascontiguousarray(DOMAINS[domain](images))
 
 
-def mix_domains(images: np.ndarray, domains, seed: int):
-  """Each image in one of `domains`, drawn uniformly with the seed: the mixed images
-  and each one's domain index [N]."""
-  assigned = stream_rng(seed, "domains").integers(len(domains), size=len(images))
+def assign_domains(count: int, domains, seed: int) -> np.ndarray:
+  """Each of `count` images' domain (an index into `domains`), drawn uniformly with
+  the seed: [N]."""
+  return stream_rng(seed, "domains").integers(len(domains), size=count)
+
+
+def in_domains(images: np.ndarray, assigned: np.ndarray, domains) -> np.ndarray:
+  """Each image of a batch [B, ...] in its own domain (`assigned` [B] indices)."""
   mixed = images.copy()
   for d, domain in enumerate(domains):
     mixed[assigned == d] = in_domain(images[assigned == d], domain)
-  return mixed, assigned
+  return mixed
 
 
 def stream_rng(seed: int, stream: str, *counters: int) -> np.random.Generator:
@@ -88,7 +108,9 @@ def stream_rng(seed: int, stream: str, *counters: int) -> np.random.Generator:
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int):
-  """Seeded split keeping each class's share: (train indices, test indices), sorted."""
+  """Seeded split keeping each class's share: (train indices, test indices), sorted.
+  labels [N], or [N, heads] (stratified by the first head)."""
+  labels = np.asarray(labels).reshape(len(labels), -1)[:, 0]
   rng = stream_rng(seed, "split")
   test = []
   for label in np.unique(labels):

@@ -1,0 +1,121 @@
+"""Images as the networks see them: read on access, cut to the input size, augmented.
+
+A reader maps indices [B] to float32 images [B, S, S, C] in [0, 1]:
+  ArrayImages    images held in memory at the input size already (the digits);
+  EncodedImages  encoded images (files, tfds records) decoded per batch with PIL in a
+                 thread pool and cut by a `View`: the evaluation view (resize the
+                 shorter side to S / crop_fraction, centre crop S: 256 -> 224 at
+                 0.875) or, given a NumPy generator, the training view (random
+                 resized crop of min_scale..1 of the area, aspect 3/4..4/3, and a
+                 random horizontal flip), as torchvision's transforms do.
+Every random choice comes from the generator passed in, one child per image drawn
+before any work is spread over threads, so a batch is a pure function of it.
+"""
+import concurrent.futures
+import dataclasses
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+MODES = {1: "L", 3: "RGB"}
+_THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+  size: int  # the network's input is size x size
+  crop_fraction: float = 1.0  # evaluation: centre crop of this share of the resized side
+  min_scale: float = 1.0  # training: least share of the area a random crop keeps
+  flip: bool = False  # training: random horizontal flips
+
+  @property
+  def augments(self) -> bool:
+    return self.min_scale < 1.0 or self.flip
+
+
+def decode(record: Any, channels: int) -> Image.Image:
+  """Encoded bytes or a file path -> a PIL image with `channels` channels."""
+  try:
+    source = io.BytesIO(record) if isinstance(record, bytes) else record
+    with Image.open(source) as image:
+      return image.convert(MODES[channels])
+  except (UnidentifiedImageError, OSError, ValueError) as error:
+    where = record if isinstance(record, (str, Path)) else "an encoded image"
+    raise ValueError(f"Cannot read image {where}: {error}. Remove or replace it.") from error
+
+
+def _to_array(image: Image.Image, channels: int) -> np.ndarray:
+  pixels = np.asarray(image, np.float32) / 255.0
+  return pixels.reshape(image.height, image.width, channels)
+
+
+def eval_view(image: Image.Image, view: View, channels: int) -> np.ndarray:
+  """Shorter side resized to size / crop_fraction, then the centre size x size."""
+  scale = view.size / view.crop_fraction / min(image.size)
+  width, height = (max(view.size, round(d * scale)) for d in image.size)
+  left, top = (width - view.size) // 2, (height - view.size) // 2
+  image = image.resize((width, height), Image.Resampling.BILINEAR)
+  return _to_array(image.crop((left, top, left + view.size, top + view.size)), channels)
+
+
+def train_view(image: Image.Image, view: View, channels: int,
+               rng: np.random.Generator) -> np.ndarray:
+  """A random crop of min_scale..1 of the area at aspect 3/4..4/3 (the whole image
+  if ten draws do not fit), resized to size x size, flipped with probability 1/2."""
+  width, height = image.size
+  box = (0, 0, width, height)
+  for _ in range(10):
+    area = width * height * rng.uniform(view.min_scale, 1.0)
+    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+    if 0 < w <= width and 0 < h <= height:
+      left, top = rng.integers(0, width - w + 1), rng.integers(0, height - h + 1)
+      box = (left, top, left + w, top + h)
+      break
+  image = image.resize((view.size, view.size), Image.Resampling.BILINEAR, box=box)
+  pixels = _to_array(image, channels)
+  return pixels[:, ::-1] if view.flip and rng.uniform() < 0.5 else pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayImages:
+  """Images in memory, already at the input size: nothing to cut or augment."""
+  array: np.ndarray  # [N, S, S, C] float32 in [0, 1]
+
+  def __len__(self) -> int:
+    return len(self.array)
+
+  def read(self, indices: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+    del rng
+    return self.array[indices]
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedImages:
+  """Encoded images (paths or bytes, `records[i]`) decoded when read."""
+  records: Sequence[Any]
+  view: View
+  channels: int
+  load: Callable[[Any], Any] = lambda record: record  # record -> path or bytes
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def read(self, indices: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+    """[B, S, S, C]: the evaluation view, or the training view drawn from rng where
+    the view augments."""
+    augment = rng is not None and self.view.augments
+    children = rng.spawn(len(indices)) if augment else [None] * len(indices)
+
+    def one(index, child):
+      image = decode(self.load(self.records[index]), self.channels)
+      if child is None:
+        return eval_view(image, self.view, self.channels)
+      return train_view(image, self.view, self.channels, child)
+
+    return np.stack(list(_THREADS.map(one, indices, children)))
