@@ -435,8 +435,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> R
       len(h.classes) for h in t.label_space.heads)) for n, t in sources.items()})
   plan = tasks.make_plan(config.target.parts,
                          {n: spaces[n] for names in stacks for n in names})
-  train_indices, test_indices = data.stratified_split(
-      dataset.labels, config.data.test_fraction, config.seed)
+  if dataset.test is None:
+    train_indices, test_indices = data.stratified_split(
+        dataset.labels, config.data.test_fraction, config.seed)
+  else:  # the dataset's own split
+    train_indices, test_indices = np.flatnonzero(~dataset.test), np.flatnonzero(dataset.test)
   domains = data.assign_domains(len(dataset.labels), tuple(config.data.domains), config.seed)
   # The workdir is touched only once the config has passed every check above.
   workdir.mkdir(parents=True, exist_ok=True)

@@ -56,11 +56,12 @@ def attribute_head(attribute: str) -> Head:
 def label_space(spec, owner: str) -> LabelSpace:
   """A label space from a config value: a list of class names (one head named
   'classes') or a mapping {head name: list of class names}."""
-  if isinstance(spec, str) or not isinstance(spec, (Sequence, Mapping)):
+  is_mapping = hasattr(spec, "items")  # a dict or an ml_collections.ConfigDict
+  if isinstance(spec, str) or not (is_mapping or isinstance(spec, Sequence)):
     raise ValueError(
         f"Label set of {owner!r} must be a list of class names or a mapping "
         f"{{head: [class names]}}, got {spec!r}.")
-  named = spec.items() if isinstance(spec, Mapping) else [("classes", spec)]
+  named = spec.items() if is_mapping else [("classes", spec)]
   heads = tuple(Head(str(name), tuple(str(c) for c in classes))
                 for name, classes in named)
   space = LabelSpace(heads)

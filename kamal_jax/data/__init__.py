@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from kamal_jax import tasks
-from kamal_jax.data import folder
+from kamal_jax.data import folder, tfds_images
 from kamal_jax.data.digits import Digits
 from kamal_jax.data.images import MODES, ArrayImages, EncodedImages, View
 
@@ -23,6 +23,7 @@ class LabeledImages(NamedTuple):
   images: ArrayImages | EncodedImages
   labels: np.ndarray  # [N, heads] int32: the class index in each head, -1 for none
   heads: tuple[tasks.Head, ...]
+  test: np.ndarray | None = None  # [N] bool: the dataset's own test split, if it has one
 
   @property
   def class_names(self) -> tuple[str, ...]:
@@ -37,7 +38,7 @@ def view(cfg) -> View:
   if cfg.channels not in MODES:
     raise ValueError(f"data.channels={cfg.channels}: use 1 (grey) or 3 (RGB).")
   return View(cfg.image_size, cfg.crop_fraction, cfg.min_scale, cfg.flip)
-NAMES = (*BUILDERS, "folder")
+NAMES = (*BUILDERS, "folder", "tfds")
 
 
 def load(cfg) -> LabeledImages:
@@ -45,6 +46,8 @@ def load(cfg) -> LabeledImages:
   'id' (cfg.name, files in cfg.data_dir), or a user's image folder's, read per batch
   (cfg.name 'folder': cfg.path; images cut to cfg.image_size by `view(cfg)` and
   converted to cfg.channels; see `folder`)."""
+  if cfg.name == "tfds":
+    return LabeledImages(*tfds_images.load(cfg.datasets, cfg.data_dir, view(cfg), cfg.channels))
   if cfg.name == "folder":
     files, labels, class_names = folder.load(cfg.path)
     return LabeledImages(EncodedImages(files, view(cfg), cfg.channels), labels[:, None],

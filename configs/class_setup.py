@@ -1,0 +1,88 @@
+"""The paper's class setup: fine-grained datasets from the tfds catalogue.
+
+  kamal-jax --config=configs/class_setup.py:main=stanford_dogs,aux=cars196 \
+      --config.data.data_dir=~/tensorflow_datasets --workdir=runs/dogs
+
+The main dataset's classes are split (seeded) into 2 parts, the auxiliary dataset's
+into 4. Four source nets, one per (main part i, aux part j), main part 1 with aux
+parts 1-2 and main part 2 with aux parts 3-4, are trained here with labels on the
+union of their two parts; each main part becomes a component from the 2 teachers
+that share it, and the student covers all main classes with 2 heads. ResNet-18
+teachers and components at 224 px, the student 1.125x wider; the reference's
+optimizers, learning rates and augmentation (random resized crop 0.81-1, flip,
+ImageNet normalisation; test: shorter side 256, centre crop 224). As in the
+reference, each component learns from its part's images and the student from all
+main-dataset training images (data.pool='reference'); data.pool='all' uses every
+unlabeled image instead.
+
+tfds has stanford_dogs, caltech_birds2011 and cars196 (FGVC-Aircraft is not in the
+catalogue: use configs/folder.py on its images). The datasets' own train/test
+splits are used. Teachers may start from ImageNet weights: give
+teacher_checkpoints for trained teachers, or see third_party/README.md.
+"""
+import ml_collections
+import numpy as np
+
+from kamal_jax.configs import digits
+from kamal_jax.data import tfds_images
+
+DATASETS = ("stanford_dogs", "caltech_birds2011", "cars196")
+
+
+def _parse(arg: str | None) -> dict:
+  settings = dict(main="stanford_dogs", aux="cars196", seed="0")
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in settings:
+      raise ValueError(f"Unknown class-setup argument {key!r}: use main=, aux= or seed=.")
+    settings[key] = value
+  for key in ("main", "aux"):
+    if settings[key] not in DATASETS:
+      raise ValueError(f"{key}={settings[key]!r}: use one of {DATASETS}.")
+  return settings
+
+
+def split_classes(name: str, parts: int, seed: int) -> list[tuple[str, ...]]:
+  """The dataset's classes in `parts` seeded, near-equal parts."""
+  (head,) = tfds_images.heads(name, tfds_images.builder(name).info.features)
+  order = np.random.default_rng([seed, parts]).permutation(len(head.classes))
+  return [tuple(head.classes[i] for i in sorted(chunk))
+          for chunk in np.array_split(order, parts)]
+
+
+def _optimizer(name, learning_rate, bridge_learning_rate=None, weight_decay=0.0):
+  return ml_collections.ConfigDict(dict(
+      name=name, learning_rate=learning_rate,
+      bridge_learning_rate=bridge_learning_rate or learning_rate,
+      weight_decay=weight_decay, momentum=0.9, decay_at=(0.5, 0.75), decay_factor=0.5))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  settings = _parse(arg)
+  seed = int(settings["seed"])
+  c = digits.get_config()
+  c.seed = seed
+  c.data = ml_collections.ConfigDict(dict(
+      name="tfds", datasets=(settings["main"], settings["aux"]), data_dir="",
+      test_fraction=0.0,  # unused: the datasets' own test splits
+      pool="reference", domains=("original",),
+      image_size=224, channels=3, crop_fraction=0.875, min_scale=0.81, flip=True,
+      mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+  main = split_classes(settings["main"], 2, seed)
+  aux = split_classes(settings["aux"], 4, seed)
+  c.target = ml_collections.ConfigDict(dict(parts={
+      f"part{i + 1}": main[i] for i in range(2)}))
+  c.teachers = ml_collections.ConfigDict({
+      f"t{i + 1}{j + 1}": main[i] + aux[j] for i in range(2) for j in (2 * i, 2 * i + 1)})
+  c.models.update(teacher="resnet18", teacher_width_scale=1.0, student="resnet18",
+                  student_width_scale=1.125)
+  c.teacher_training = ml_collections.ConfigDict(dict(
+      steps=20_000, batch_size=64, optimizer=_optimizer("sgd", 1e-3, weight_decay=5e-4)))
+  c.stage1.update(steps=20_000, batch_size=64, bridge_widths=(32, 32, 64, 128, 256),
+                  optimizer=_optimizer("adam", 5e-4, bridge_learning_rate=1e-3))
+  c.stage2.update(steps=20_000, batch_size=64,
+                  optimizer=_optimizer("adam", 5e-4, bridge_learning_rate=1e-3))
+  c.eval_batch_size = 256
+  c.log_every = 100
+  c.checkpoint_every = 1000
+  return c
