@@ -91,7 +91,7 @@ class Run:
                      schedule, self.log, labels)
 
 
-def _sharded(batch: dict, axis: int = 0) -> dict:
+def sharded(batch: dict, axis: int = 0) -> dict:
   """Splits the batch axis of every array over the local devices."""
   devices = jax.local_device_count()
   return {k: np.moveaxis(data.shard(np.moveaxis(v, axis, 0), devices), 1, axis + 1)
@@ -156,7 +156,7 @@ def train_supervised(run: Run, name: str, stage: str, module, spaces: dict,
   def batch_fn(step):
     picks = [m[data.batch_indices(len(m), cfg.batch_size, run.config.seed,
                                   f"{name}/{n}", step)] for n, m in zip(names, members)]
-    return _sharded({
+    return sharded({
         "image": np.stack([run.images(p, domains[n], f"{name}/{n}", step)
                            for n, p in zip(names, picks)]),
         "label": np.stack([_head_labels(run, p, spaces[n].heads)
@@ -217,7 +217,7 @@ def _amalgamation_batches(run: Run, spec, indices: np.ndarray, parts, stream: st
     batch = {"image": run.images(picks, stream=stream, step=step)}
     if spec.selection in ambiguity.NEEDS_LABELS:
       batch["label"] = _head_labels(run, picks, parts)
-    batch = _sharded(batch)
+    batch = sharded(batch)
     if spec.selection in ambiguity.NEEDS_KEY:
       rng = data.stream_rng(run.config.seed, f"{stream}/keys", step)
       batch["key"] = rng.integers(0, 2**32, size=(devices, 2), dtype=np.uint32)

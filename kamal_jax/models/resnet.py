@@ -22,52 +22,39 @@ def _conv(width: int, kernel: int, stride: int, dtype, name: str) -> nn.Conv:
                  use_bias=False, dtype=dtype, name=name)
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convolutions with a shortcut; `final_relu=False` leaves the
-  pre-activation sum, which is what a feature tap reads."""
+class Block(nn.Module):
+  """A residual block as torchvision builds it: basic (two 3x3 convolutions) or
+  bottleneck (1x1 down to a quarter of the width, 3x3 strided as in its v1.5, 1x1
+  back up), each convolution followed by batch norm, plus the shortcut (a strided 1x1
+  projection where the shape changes). `final_relu=False` leaves the pre-activation
+  sum, which is what a feature tap reads."""
   width: int  # output channels
   stride: int
   final_relu: bool
-  norm: type
-  dtype: jnp.dtype
-
-  @nn.compact
-  def __call__(self, x):
-    y = _conv(self.width, 3, self.stride, self.dtype, "conv1")(x)
-    y = nn.relu(self.norm(name="bn1")(y))
-    y = _conv(self.width, 3, 1, self.dtype, "conv2")(y)
-    y = self.norm(name="bn2", scale_init=nn.initializers.zeros)(y)
-    return _add_shortcut(self, x, y)
-
-
-class Bottleneck(nn.Module):
-  """1x1 reduce, 3x3 (strided, as torchvision's v1.5), 1x1 expand by 4, shortcut."""
-  width: int  # output channels (4x the inner width)
-  stride: int
-  final_relu: bool
+  bottleneck: bool
   norm: type
   dtype: jnp.dtype
 
   @nn.compact
   def __call__(self, x):
     inner = self.width // 4
-    y = nn.relu(self.norm(name="bn1")(_conv(inner, 1, 1, self.dtype, "conv1")(x)))
-    y = nn.relu(self.norm(name="bn2")(_conv(inner, 3, self.stride, self.dtype, "conv2")(y)))
-    y = _conv(self.width, 1, 1, self.dtype, "conv3")(y)
-    y = self.norm(name="bn3", scale_init=nn.initializers.zeros)(y)
-    return _add_shortcut(self, x, y)
+    convs = ([(inner, 1, 1), (inner, 3, self.stride), (self.width, 1, 1)] if self.bottleneck
+             else [(self.width, 3, self.stride), (self.width, 3, 1)])
+    y = x
+    for j, (width, kernel, stride) in enumerate(convs, start=1):
+      y = _conv(width, kernel, stride, self.dtype, f"conv{j}")(y)
+      if j < len(convs):
+        y = nn.relu(self.norm(name=f"bn{j}")(y))
+      else:  # the residual branch starts at zero
+        y = self.norm(name=f"bn{j}", scale_init=nn.initializers.zeros)(y)
+    if x.shape[-1] != self.width or self.stride != 1:
+      x = _conv(self.width, 1, self.stride, self.dtype, "shortcut_conv")(x)
+      x = self.norm(name="shortcut_bn")(x)
+    y = x + y
+    return nn.relu(y) if self.final_relu else y
 
 
-def _add_shortcut(block, x, y):
-  """The block's residual sum; a 1x1 projection where the shape changes."""
-  if x.shape[-1] != block.width or block.stride != 1:
-    x = _conv(block.width, 1, block.stride, block.dtype, "shortcut_conv")(x)
-    x = block.norm(name="shortcut_bn")(x)
-  y = x + y
-  return nn.relu(y) if block.final_relu else y
-
-
-BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+BLOCKS = ("basic", "bottleneck")
 
 
 class ResNet(nn.Module):
@@ -99,7 +86,7 @@ class ResNet(nn.Module):
           f"ResNet needs one block count per stage: widths {tuple(self.widths)} "
           f"give {len(self.widths) - 1} stages but blocks is {tuple(self.blocks)}.")
     if self.block not in BLOCKS:
-      raise ValueError(f"Unknown ResNet block {self.block!r}: use one of {sorted(BLOCKS)}.")
+      raise ValueError(f"Unknown ResNet block {self.block!r}: use one of {BLOCKS}.")
     norm = lambda **kw: nn.BatchNorm(
         use_running_average=not train, momentum=0.9, epsilon=1e-5,
         axis_name=self.bn_axis_name if train else None, dtype=self.dtype, **kw)
@@ -113,9 +100,9 @@ class ResNet(nn.Module):
     for stage, (width, count) in enumerate(zip(self.widths[1:], self.blocks)):
       for index in range(count):
         stride = 2 if stage > 0 and index == 0 else 1
-        x = BLOCKS[self.block](width, stride, final_relu=index < count - 1, norm=norm,
-                               dtype=self.dtype,
-                               name=f"stage{stage + 1}_block{index + 1}")(x)
+        x = Block(width, stride, final_relu=index < count - 1,
+                  bottleneck=self.block == "bottleneck", norm=norm, dtype=self.dtype,
+                  name=f"stage{stage + 1}_block{index + 1}")(x)
       feats.append(x)
       x = nn.relu(x)
     x = jnp.mean(x, axis=(1, 2))  # [B, D]

@@ -1,0 +1,125 @@
+"""Seconds per step and per epoch of a setup's three train steps, at its real sizes.
+
+Builds the programs the pipeline runs for a config (the teachers' stacked training
+step, a component's stage-1 step from its group, the student's stage-2 step), with
+random weights and images, and times each after compiling. Prints a markdown table.
+
+  python benchmarks/setup_steps.py --config=configs/class_setup.py --epoch_images=6000
+
+--epoch_images: images in one epoch of the stage (e.g. a Stanford Dogs part's ~6,000
+training images; the teachers' union of parts is larger, so scale accordingly).
+"""
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from kamal_jax import amalgamate, models, pipeline, tasks, teachers, train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (get_config()).")
+flags.DEFINE_integer("epoch_images", 6000, "Images per epoch, for the epoch column.")
+flags.DEFINE_integer("steps", 3, "Timed steps per program (after one to compile).")
+flags.DEFINE_string("compilation_cache", "~/.cache/kamal_jax/jax", "'' turns it off.")
+flags.mark_flags_as_required(["config"])
+
+
+def _images(config, count: int, rng) -> np.ndarray:
+  size, channels = config.data.image_size, config.data.channels
+  return rng.normal(size=(count, size, size, channels)).astype(np.float32)
+
+
+def _init(module, x, count: int, seed: int):
+  keys = jax.random.split(jax.random.key(seed, impl="rbg"), count)
+  return jax.device_get(jax.jit(jax.vmap(lambda k: module.init(k, x, train=False)))(keys))
+
+
+def _time(step, state, frozen, batch, steps: int) -> tuple[float, float]:
+  """(compile + first step, median step) in seconds."""
+  devices = jax.local_devices()
+  state, frozen = train.replicate(state, devices), train.replicate(frozen, devices)
+  start = time.perf_counter()
+  state, metrics = step(state, frozen, batch)
+  jax.block_until_ready(metrics)
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = step(state, frozen, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return first, float(np.median(times))
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  if FLAGS.compilation_cache:
+    pipeline.enable_compilation_cache(FLAGS.compilation_cache)
+  rng = np.random.default_rng(0)
+  spaces = {n: tasks.label_space(s, n) for n, s in config.teachers.items()}
+  plan = tasks.make_plan(config.target.parts, spaces)
+  group = plan.groups[0]
+  cfg = config.models
+  teacher = models.create(cfg.teacher, spaces[group.teachers[0]].num_outputs,
+                          cfg.teacher_width_scale, cfg.dtype)
+  x = _images(config, 1, rng)
+  rows = []
+
+  # The teachers' step: every teacher of the pool in one stack (as the pipeline
+  # trains them where they share a label-space size), each on its own batch.
+  count, batch_size = len(spaces), config.teacher_training.batch_size
+  variables = _init(teacher, x, count, 0)
+  state = train.create_state({"params": {"net": variables["params"]},
+                              "batch_stats": variables["batch_stats"]},
+                             config.teacher_training.optimizer, 100)
+  spec = teachers.Supervised(teacher, tuple(len(h.classes) for h in spaces[group.teachers[0]].heads))
+  labels = rng.integers(0, 2, size=(count, batch_size, len(spec.head_sizes))).astype(np.int32)
+  batch = pipeline.sharded({"image": np.stack([_images(config, batch_size, rng)] * count),
+                             "label": labels}, axis=1)
+  rows.append((f"teachers ({count} in one stack)", batch_size, *_time(
+      train.train_step(teachers.supervised_loss, spec), state, None, batch, FLAGS.steps)))
+
+  # Stage 1: a component from its group; stage 2: the student from the components.
+  component = models.create(cfg.teacher, len(group.part.classes), cfg.teacher_width_scale,
+                            cfg.dtype)
+  student = models.create(cfg.student, sum(plan.head_sizes), cfg.student_width_scale,
+                          cfg.dtype)
+  stage1 = amalgamate.Amalgamation(
+      net=component, frozen_nets=((teacher,),), head_sizes=(len(group.part.classes),),
+      bridge_widths=tuple(config.stage1.bridge_widths))
+  frozen1 = {"groups": {"0": {"stacks": [{
+      "nets": teachers.take(variables, range(len(group.teachers))), "index": group.index}]}}}
+  components = _init(component, x, 1, 1)
+  stage2 = amalgamate.Amalgamation(
+      net=student, frozen_nets=tuple((component,) for _ in plan.groups),
+      head_sizes=plan.head_sizes, bridge_widths=tuple(component.widths),
+      frozen_bridges=False)
+  frozen2 = {"groups": {str(g): {"stacks": [{
+      "nets": components, "index": np.arange(len(group.part.classes), dtype=np.int32)[None]}]}
+      for g in range(len(plan.groups))}}
+  for name, spec, frozen, cfg_stage in (("stage 1 (component)", stage1, frozen1, config.stage1),
+                                        ("stage 2 (student)", stage2, frozen2, config.stage2)):
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), frozen)
+    state = jax.jit(lambda: train.create_state(
+        amalgamate.init(spec, jax.random.key(2, impl="rbg"), shapes, x),
+        cfg_stage.optimizer, 100))()
+    batch = pipeline.sharded({"image": _images(config, cfg_stage.batch_size, rng)})
+    rows.append((name, cfg_stage.batch_size, *_time(
+        train.train_step(amalgamate.amalgamation_loss, spec), state, frozen, batch,
+        FLAGS.steps)))
+
+  print(f"\n{config.data.image_size} px, {jax.device_count()} {jax.devices()[0].platform} "
+        f"device(s), teacher {cfg.teacher} x{cfg.teacher_width_scale}, student "
+        f"{cfg.student} x{cfg.student_width_scale}; epoch = {FLAGS.epoch_images} images\n")
+  print("| step | batch | compile + first (s) | s / step | images / s | min / epoch |")
+  print("|---|---|---|---|---|---|")
+  for name, batch_size, first, per_step in rows:
+    print(f"| {name} | {batch_size} | {first:.1f} | {per_step:.2f} | "
+          f"{batch_size / per_step:.1f} | {FLAGS.epoch_images / batch_size * per_step / 60:.1f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
