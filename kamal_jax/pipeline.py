@@ -423,8 +423,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> R
   spaces = {name: tasks.label_space(spec, name) for name, spec in config.teachers.items()}
   unknown = sorted({c for s in spaces.values() for c in s.classes} - set(dataset.class_names))
   if unknown:
-    raise ValueError(f"Teacher classes {unknown} are not classes of dataset "
-                     f"{config.data.name!r} {list(dataset.class_names)}: fix the teachers' label sets.")
+    names = dataset.class_names
+    raise ValueError(f"Teacher classes {unknown[:10]} are not classes of dataset "
+                     f"{config.data.name!r} ({len(names)} classes, e.g. {list(names[:10])}): "
+                     "fix the teachers' label sets.")
   for field in ("teacher_domains", "teacher_models", "teacher_checkpoints"):
     strangers = sorted(set(config[field]) - set(spaces))
     if strangers:

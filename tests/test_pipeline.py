@@ -166,3 +166,12 @@ def test_report_plots_are_written_and_embedded(finished):
   for name in ("loss.png", "selection.png", "accuracy.png"):
     assert (workdir / name).stat().st_size > 1000
     assert f"]({name})" in text
+
+
+def test_teacher_classes_the_dataset_lacks_are_named(tiny, tmp_path):
+  bad = tiny.copy_and_resolve_references()
+  bad.teachers.t4 = ("3", "4", "5", "nine")
+  with pytest.raises(ValueError, match=r"\['nine'\] are not classes of dataset 'digits' "
+                                       r"\(10 classes"):
+    pipeline.train_and_evaluate(bad, str(tmp_path / "new"))
+  assert not (tmp_path / "new").exists()
