@@ -30,7 +30,8 @@ class LabeledImages(NamedTuple):
     return tuple(c for head in self.heads for c in head.classes)
 
 
-BUILDERS = {"digits": Digits}
+BUILDERS = {"digits": Digits}  # embedded builders, held in memory
+NAMES = (*BUILDERS, "folder", "tfds")
 
 
 def view(cfg) -> View:
@@ -38,14 +39,15 @@ def view(cfg) -> View:
   if cfg.channels not in MODES:
     raise ValueError(f"data.channels={cfg.channels}: use 1 (grey) or 3 (RGB).")
   return View(cfg.image_size, cfg.crop_fraction, cfg.min_scale, cfg.flip)
-NAMES = (*BUILDERS, "folder", "tfds")
 
 
 def load(cfg) -> LabeledImages:
-  """config.data's dataset, in a fixed order: a tfds builder's, held in memory, by
-  'id' (cfg.name, files in cfg.data_dir), or a user's image folder's, read per batch
-  (cfg.name 'folder': cfg.path; images cut to cfg.image_size by `view(cfg)` and
-  converted to cfg.channels; see `folder`)."""
+  """config.data's dataset, in a fixed order:
+    an embedded builder's (cfg.name in BUILDERS, files in cfg.data_dir), held in
+      memory in 'id' order;
+    catalogue datasets' (cfg.name 'tfds': cfg.datasets, see `tfds_images`), or a user's
+      image folder's (cfg.name 'folder': cfg.path, see `folder`), decoded per batch,
+      cut to cfg.image_size by `view(cfg)` and converted to cfg.channels."""
   if cfg.name == "tfds":
     return LabeledImages(*tfds_images.load(cfg.datasets, cfg.data_dir, view(cfg), cfg.channels))
   if cfg.name == "folder":
