@@ -129,17 +129,13 @@ def _head_labels(run: Run, indices: np.ndarray, heads) -> np.ndarray:
   return np.stack([_labels_in(run, indices, head.classes) for head in heads], axis=-1)
 
 
-def _of_classes(run: Run, indices: np.ndarray, classes) -> np.ndarray:
-  return indices[_labels_in(run, indices, classes) >= 0]
-
-
 def _pool(run: Run, classes) -> np.ndarray:
   """The unlabeled images a stage learns from: every training image by default;
   under the reference protocol (data.pool='reference'), only those of `classes`,
   which needs the labels to pick them."""
   if run.config.data.pool == "all":
     return run.train_indices
-  return _of_classes(run, run.train_indices, classes)
+  return run.train_indices[_labels_in(run, run.train_indices, classes) >= 0]
 
 
 def train_supervised(run: Run, name: str, stage: str, module, spaces: dict,
