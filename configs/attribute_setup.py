@@ -56,4 +56,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       for k, others in enumerate(nets)})
   for stage in (c.teacher_training, c.stage1, c.stage2):
     stage.optimizer.learning_rate = stage.optimizer.bridge_learning_rate = 1e-4
+    stage.optimizer.tap_learning_rates = ()
   return c

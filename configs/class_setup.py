@@ -50,13 +50,6 @@ def split_classes(name: str, parts: int, seed: int) -> list[tuple[str, ...]]:
           for chunk in np.array_split(order, parts)]
 
 
-def _optimizer(name, learning_rate, bridge_learning_rate=None, weight_decay=0.0):
-  return ml_collections.ConfigDict(dict(
-      name=name, learning_rate=learning_rate,
-      bridge_learning_rate=bridge_learning_rate or learning_rate,
-      weight_decay=weight_decay, momentum=0.9, decay_at=(0.5, 0.75), decay_factor=0.5))
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   settings = _parse(arg)
   seed = int(settings["seed"])
@@ -77,11 +70,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.models.update(teacher="resnet18", teacher_width_scale=1.0, student="resnet18",
                   student_width_scale=1.125)
   c.teacher_training = ml_collections.ConfigDict(dict(
-      steps=20_000, batch_size=64, optimizer=_optimizer("sgd", 1e-3, weight_decay=5e-4)))
+      steps=20_000, batch_size=64,
+      optimizer=digits.optimizer(1e-3, name="sgd", weight_decay=5e-4)))
+  # Adam at 5e-4 for the network, 1e-3 for the bridges but 8e-4 for the last tap's.
+  amalgamation = lambda: digits.optimizer(5e-4, bridge_learning_rate=1e-3,
+                                          tap_learning_rates=(1e-3,) * 4 + (8e-4,))
   c.stage1.update(steps=20_000, batch_size=64, bridge_widths=(32, 32, 64, 128, 256),
-                  optimizer=_optimizer("adam", 5e-4, bridge_learning_rate=1e-3))
-  c.stage2.update(steps=20_000, batch_size=64,
-                  optimizer=_optimizer("adam", 5e-4, bridge_learning_rate=1e-3))
+                  optimizer=amalgamation())
+  c.stage2.update(steps=20_000, batch_size=64, optimizer=amalgamation())
   c.eval_batch_size = 256
   c.log_every = 100
   c.checkpoint_every = 1000

@@ -19,11 +19,16 @@ import ml_collections
 VARIANTS = ("default", "domains")
 
 
-def _optimizer(learning_rate, bridge_learning_rate=None, decay_at=(0.5, 0.75)):
+def optimizer(learning_rate, bridge_learning_rate=None, name="adam", weight_decay=0.0,
+              decay_at=(0.5, 0.75), tap_learning_rates=()):
+  """An optimizer's settings (see `train.make_optimizer`): step decay x0.5 at the
+  `decay_at` fractions of training; bridges at `bridge_learning_rate`, or per tap at
+  `tap_learning_rates` where given."""
   return ml_collections.ConfigDict(dict(
-      name="adam", learning_rate=learning_rate,
+      name=name, learning_rate=learning_rate,
       bridge_learning_rate=bridge_learning_rate or learning_rate,
-      weight_decay=0.0, momentum=0.9, decay_at=decay_at, decay_factor=0.5))
+      tap_learning_rates=tuple(tap_learning_rates), weight_decay=weight_decay,
+      momentum=0.9, decay_at=decay_at, decay_factor=0.5))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -67,10 +72,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # teacher and smaller than the components together.
       teacher="resnet10_digits", teacher_width_scale=1.0,
       student="resnet10_digits", student_width_scale=1.125,
+      # A torchvision-named ResNet checkpoint of the teachers' architecture (e.g.
+      # ImageNet weights, .pth or .safetensors): teachers trained here and the
+      # components start from it, all but its classifier; the student never does.
+      pretrained="",
       dtype="float32"))  # compute type: 'bfloat16' speeds up GPUs and TPUs
 
   c.teacher_training = ml_collections.ConfigDict(dict(
-      steps=300, batch_size=64, optimizer=_optimizer(2e-3)))
+      steps=300, batch_size=64, optimizer=optimizer(2e-3)))
   # The method's settings (also those of the single-stage pipeline).
   c.stage1 = ml_collections.ConfigDict(dict(
       steps=400, batch_size=64,
@@ -80,10 +89,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       bridge_widths=(8, 8, 16, 32, 64), weight_norm=1.0,
       feature_weight=1.0,  # 0: logits alone
       logit_loss="mse", kd_temperature=4.0,  # 'kd': KL of softmaxes at that T
-      optimizer=_optimizer(1e-3, bridge_learning_rate=2e-3)))
+      optimizer=optimizer(1e-3, bridge_learning_rate=2e-3)))
   # The student: from the components, or (single_stage, supervised) directly.
   c.stage2 = ml_collections.ConfigDict(dict(
-      steps=400, batch_size=64, optimizer=_optimizer(1e-3, bridge_learning_rate=2e-3)))
+      steps=400, batch_size=64, optimizer=optimizer(1e-3, bridge_learning_rate=2e-3)))
 
   c.eval_batch_size = 512
   c.log_every = 50

@@ -49,6 +49,7 @@ class Run:
   stacks: tuple[tuple[str, ...], ...]  # the teachers that run as one, in plan order
   log: train.MetricLog
   train_stages: tuple[str, ...]  # the stages this invocation may train
+  backbone: dict | None  # config.models.pretrained's variables, if it names a checkpoint
   trained: set = dataclasses.field(default_factory=set)  # the stages it did train
 
   def key(self, stream: str):
@@ -75,8 +76,17 @@ class Run:
   def teacher_domain(self, name: str) -> str:
     return self.config.teacher_domains.get(name, self.config.data.domains[0])
 
+  def warm_start(self, state: train.TrainState) -> train.TrainState:
+    """The state with its network (or stack of networks) starting from the pretrained
+    backbone."""
+    start = models.with_backbone(_variables(state), self.backbone)
+    return state.replace(params={**state.params, "net": start["params"]},
+                         batch_stats=start["batch_stats"])
+
   def fit(self, name: str, stage: str, make_state, loss_fn, spec, frozen, batch_fn,
-          cfg, labels) -> train.TrainState:
+          cfg, labels, pretrained: bool = False) -> train.TrainState:
+    """Trains (or restores) a stage; `pretrained`: its network starts from the
+    backbone of config.models.pretrained, where that names one."""
     directory = self.workdir / "checkpoints" / name
     state = train.restore_finished(directory, make_state, cfg.steps)
     if state is not None:
@@ -87,8 +97,9 @@ class Run:
           f"checkpoint): run it first with --stage={stage} or run all stages.")
     self.trained.add(stage)
     schedule = train.Schedule(cfg.steps, self.config.log_every, self.config.checkpoint_every)
+    warm_start = self.warm_start if pretrained and self.backbone is not None else None
     return train.fit(name, directory, make_state, loss_fn, spec, frozen, batch_fn,
-                     schedule, self.log, labels)
+                     schedule, self.log, labels, warm_start)
 
 
 def sharded(batch: dict, axis: int = 0) -> dict:
@@ -139,11 +150,13 @@ def _pool(run: Run, classes) -> np.ndarray:
 
 
 def train_supervised(run: Run, name: str, stage: str, module, spaces: dict,
-                     domains: dict[str, str | None], cfg) -> teachers.TeacherStack:
+                     domains: dict[str, str | None], cfg,
+                     pretrained: bool = False) -> teachers.TeacherStack:
   """Trains K networks of one architecture and head layout from labels, all in one
   step: network k (label space `spaces[k]`) on the training images labelled in each
   of its heads, all in domain `domains[k]` (None: each image in its own). The
-  teachers of the pool are trained this way, and so is the supervised student."""
+  teachers of the pool are trained this way (`pretrained`: from the pretrained
+  backbone), and so is the supervised student."""
   names = tuple(spaces)
   members = [run.train_indices[np.all(_head_labels(
       run, run.train_indices, spaces[n].heads) >= 0, axis=-1)] for n in names]
@@ -167,14 +180,15 @@ def train_supervised(run: Run, name: str, stage: str, module, spaces: dict,
 
   spec = teachers.Supervised(module, tuple(len(h.classes) for h in spaces[names[0]].heads))
   state = run.fit(name, stage, make_state, teachers.supervised_loss, spec, None,
-                  batch_fn, cfg, labels={"": names})
+                  batch_fn, cfg, labels={"": names}, pretrained=pretrained)
   return teachers.TeacherStack(names, module, _variables(state))
 
 
 def train_teachers(run: Run) -> list[teachers.TeacherStack]:
   """The pool, one stack per architecture: imported teachers as they are; the others
   trained, each on the training images of its own classes in its own domain, a
-  stack in one step."""
+  stack in one step; those of models.teacher's architecture start from
+  models.pretrained where it is given."""
   to_train = [names for names in run.stacks if run.sources[names[0]].variables is None]
   pool = []
   for names in run.stacks:
@@ -183,10 +197,13 @@ def train_teachers(run: Run) -> list[teachers.TeacherStack]:
       pool.append(teachers.stack(members))
       continue
     name = "teachers" if len(to_train) == 1 else f"teachers_{to_train.index(names) + 1}"
-    pool.append(train_supervised(run, name, "teachers", members[0].module,
+    module = members[0].module
+    pool.append(train_supervised(run, name, "teachers", module,
                                  {t.name: t.label_space for t in members},
                                  {n: run.teacher_domain(n) for n in names},
-                                 run.config.teacher_training))
+                                 run.config.teacher_training,
+                                 pretrained=module == _teacher_arch(run.config,
+                                                                    module.num_outputs)))
   return pool
 
 
@@ -223,7 +240,7 @@ def _amalgamation_batches(run: Run, spec, indices: np.ndarray, parts, stream: st
 
 
 def _amalgamate(run: Run, name: str, stage: str, spec, frozen, parts, pool, cfg,
-                labels) -> dict:
+                labels, pretrained: bool = False) -> dict:
   """Trains spec.net by `amalgamation_loss` and returns its variables."""
   x = run.images(np.arange(1))
   shapes = _shapes(frozen)
@@ -234,7 +251,7 @@ def _amalgamate(run: Run, name: str, stage: str, spec, frozen, parts, pool, cfg,
 
   batch_fn = _amalgamation_batches(run, spec, pool, parts, name, cfg.batch_size)
   state = run.fit(name, stage, make_state, amalgamate.amalgamation_loss, spec, frozen,
-                  batch_fn, cfg, labels)
+                  batch_fn, cfg, labels, pretrained)
   return _variables(state)
 
 
@@ -249,7 +266,9 @@ def _group_frozen(pool: list[teachers.TeacherStack], group: tasks.Group):
 
 
 def amalgamate_groups(run: Run, pool: list[teachers.TeacherStack]) -> list[dict]:
-  """Stage 1: each group's teachers' knowledge of its part into a component."""
+  """Stage 1: each group's teachers' knowledge of its part into a component (which
+  starts from models.pretrained where given; the student never does, as in the
+  reference)."""
   components = []
   for group in run.plan.groups:
     modules, frozen = _group_frozen(pool, group)
@@ -258,7 +277,7 @@ def amalgamate_groups(run: Run, pool: list[teachers.TeacherStack]) -> list[dict]
     components.append(_amalgamate(
         run, f"stage1_{group.part.name}", "stage1", spec, {"groups": {"0": frozen}},
         [group.part], _pool(run, group.part.classes), run.config.stage1,
-        {"0": group.teachers}))
+        {"0": group.teachers}, pretrained=True))
   return components
 
 
@@ -389,6 +408,12 @@ def validate(config: ml_collections.ConfigDict):
     if value not in allowed:
       raise ValueError(f"{name}={value!r}: use one of {list(allowed)}.")
   ambiguity.get(config.stage1.ambiguity)
+  taps = len(config.stage1.bridge_widths)
+  for stage in ("teacher_training", "stage1", "stage2"):
+    rates = config[stage].optimizer.get("tap_learning_rates", ())
+    if len(rates) not in (0, taps):
+      raise ValueError(f"{stage}.optimizer.tap_learning_rates has {len(rates)} rates for "
+                       f"{taps} feature taps: give one per tap, or none.")
   if len(config.data.mean) != len(config.data.std):
     raise ValueError(f"data.mean {tuple(config.data.mean)} and data.std "
                      f"{tuple(config.data.std)} differ in length: give one per channel.")
@@ -413,9 +438,33 @@ def _sources(config: ml_collections.ConfigDict, spaces: dict) -> dict[str, teach
           for name, space in spaces.items()}
 
 
+def _backbone(config: ml_collections.ConfigDict, channels: int) -> dict | None:
+  """The variables of config.models.pretrained (a torchvision-named ResNet checkpoint,
+  e.g. ImageNet weights), checked to be models.teacher's architecture and to read
+  images of `channels` channels; None where it names none."""
+  path = config.models.pretrained
+  if not path:
+    return None
+  from kamal_jax.third_party import torch_resnet  # pylint: disable=g-import-not-at-top
+  try:
+    module, variables = torch_resnet.load(path, config.models.dtype)
+  except ValueError as error:
+    raise ValueError(f"models.pretrained: {error}") from error
+  wanted = _teacher_arch(config, module.num_outputs)
+  stem = variables["params"]["stem_conv"]["kernel"].shape[2]
+  if module != wanted or stem != channels:
+    raise ValueError(
+        f"models.pretrained {path} holds a ResNet of widths {module.widths}, blocks "
+        f"{module.blocks} on {stem}-channel images; models.teacher "
+        f"{config.models.teacher!r} has widths {wanted.widths}, blocks {wanted.blocks} "
+        f"and the data {channels} channels: give a checkpoint of that architecture.")
+  return variables
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> Run:
   validate(config)
   dataset = data.load(config.data)
+  backbone = _backbone(config, dataset.images.read(np.arange(1)).shape[-1])
   spaces = {name: tasks.label_space(spec, name) for name, spec in config.teachers.items()}
   unknown = sorted({c for s in spaces.values() for c in s.classes} - set(dataset.class_names))
   if unknown:
@@ -443,7 +492,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> R
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   return Run(config, workdir, dataset, domains, train_indices, test_indices, plan,
-             sources, tuple(stacks), train.MetricLog(workdir), tuple(train_stages))
+             sources, tuple(stacks), train.MetricLog(workdir), tuple(train_stages), backbone)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

@@ -1,6 +1,6 @@
 """configs/folder.py on the digits written out as PNG files, with user teachers of
-three architectures: trained here, trained here with another model, and imported
-from PyTorch with a label set of another size."""
+three architectures: trained here (from pretrained weights), trained here with
+another model, and imported from PyTorch with a label set of another size."""
 import json
 
 import ml_collections
@@ -10,8 +10,9 @@ from safetensors.torch import save_file
 from torch_nets import random_net
 
 import tiny_config
-from kamal_jax import data, pipeline
+from kamal_jax import data, models, pipeline
 from kamal_jax.configs import folder
+from kamal_jax.third_party import torch_resnet
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +34,23 @@ def _folder_config(path) -> ml_collections.ConfigDict:
   return config
 
 
+def _pretrained(config, path, num_classes=7) -> dict:
+  """A torch net of the config's teacher architecture saved at `path`, with another
+  number of classes (as ImageNet weights would have); returns its variables."""
+  module = models.create(config.models.teacher, 1, config.models.teacher_width_scale)
+  net = random_net(1, widths=module.widths, blocks=module.blocks, num_classes=num_classes,
+                   small_input=True, channels=1)
+  save_file(net.state_dict(), str(path))
+  return torch_resnet.load(str(path))[1]
+
+
 def test_folder_with_heterogeneous_and_imported_teachers(png_digits, tmp_path):
   torch_teacher = random_net(0, widths=(4, 6, 8, 8, 12), blocks=(1, 1, 1, 1),
                              num_classes=5, small_input=True, channels=1)
   save_file(torch_teacher.state_dict(), str(tmp_path / "t2.safetensors"))
   config = _folder_config(png_digits)
+  config.models.pretrained = str(tmp_path / "pretrained.safetensors")
+  pretrained = _pretrained(config, config.models.pretrained)
   config.teachers.t2 = ("0", "1", "2", "7", "8")
   config.teacher_checkpoints = ml_collections.ConfigDict(
       {"t2": str(tmp_path / "t2.safetensors")})
@@ -60,6 +73,20 @@ def test_folder_with_heterogeneous_and_imported_teachers(png_digits, tmp_path):
   trained = [t["accuracy"] for t in result["teachers"] if t["name"] != "t2"]
   assert min(trained) > 0.3 and np.isfinite(result["student"]["accuracy_joint"])
 
+  # Teachers of the teachers' architecture and the components started from the
+  # pretrained weights: a few steps at these rates move a weight by < 0.02, while
+  # random initial weights differ from them by ~0.3.
+  run = pipeline.prepare(config, workdir, ())
+  pool = pipeline.train_teachers(run)
+  components = pipeline.amalgamate_groups(run, pool)
+  stem = pretrained["params"]["stem_conv"]["kernel"]
+  started = [*pool[0].variables["params"]["stem_conv"]["kernel"],
+             *(c["params"]["stem_conv"]["kernel"] for c in components)]
+  assert pool[0].names == ("t1", "t3") and len(started) == 4
+  for kernel in started:
+    assert np.max(np.abs(kernel - stem)) < 0.02
+  assert np.mean(np.abs(stem)) > 0.1
+
 
 def test_folder_config_needs_its_path(tmp_path):
   config = _folder_config("")
@@ -67,6 +94,17 @@ def test_folder_config_needs_its_path(tmp_path):
     pipeline.train_and_evaluate(config, str(tmp_path / "run"))
   config.data.path = str(tmp_path / "absent")
   with pytest.raises(ValueError, match="does not exist"):
+    pipeline.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_pretrained_weights_of_another_architecture_are_refused(png_digits, tmp_path):
+  config = _folder_config(png_digits)
+  config.models.pretrained = str(tmp_path / "wide.safetensors")
+  config.models.teacher_width_scale = 0.5  # the file holds the 0.25-wide net
+  _pretrained(_folder_config(png_digits), config.models.pretrained)
+  with pytest.raises(ValueError, match="models.pretrained .* widths \\(4, 4, 8, 16, 32\\)"
+                     ".* widths \\(8, 8, 16, 32, 64\\).*that architecture"):
     pipeline.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 

@@ -122,3 +122,23 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
   assert {leaf.dtype for leaf in jax.tree.leaves(outputs)} == {jnp.dtype("float32")}
   with pytest.raises(ValueError, match="float32.*bfloat16"):
     models.create("resnet10_digits", 4, dtype="float16")
+
+
+def test_with_backbone_copies_all_but_the_head_into_every_stacked_network():
+  def tree(count, classes, fill):
+    shape = (count,) if count else ()
+    return {"params": {"stem_conv": {"kernel": np.full(shape + (3, 3, 1, 4), fill)},
+                       "head": {"kernel": np.full(shape + (4, classes), fill)}},
+            "batch_stats": {"stem_bn": {"mean": np.full(shape + (4,), fill)}}}
+
+  started = models.with_backbone(tree(2, 5, 0.0), tree(0, 1000, 1.0))
+  np.testing.assert_array_equal(started["params"]["stem_conv"]["kernel"], 1.0)
+  np.testing.assert_array_equal(started["batch_stats"]["stem_bn"]["mean"], 1.0)
+  np.testing.assert_array_equal(started["params"]["head"]["kernel"], np.zeros((2, 4, 5)))
+  other = tree(0, 5, 1.0)
+  other["params"]["stem_conv"]["kernel"] = np.ones((3, 3, 3, 4))  # RGB weights
+  with pytest.raises(ValueError, match="stem_conv/kernel.*input channels"):
+    models.with_backbone(tree(2, 5, 0.0), other)
+  del other["params"]["stem_conv"]
+  with pytest.raises(ValueError, match="stem_conv/kernel.*architecture"):
+    models.with_backbone(tree(2, 5, 0.0), other)

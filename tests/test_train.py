@@ -107,23 +107,33 @@ def test_checkpoints_must_follow_a_finiteness_check():
     train.Schedule(10, log_every=4, checkpoint_every=6)
 
 
-def test_bridges_and_network_learn_at_their_own_rates():
+@pytest.mark.parametrize("tap_rates", [(), (0.02, 0.008)])
+def test_bridges_and_network_learn_at_their_own_rates(tap_rates):
   cfg = ml_collections.ConfigDict(dict(
       name="sgd", learning_rate=0.1, bridge_learning_rate=0.01, momentum=0.0,
-      weight_decay=0.0, decay_at=(0.5,), decay_factor=0.5))
-  params = {"net": jnp.ones(3), "net_bridges": jnp.ones(2), "logit_scale": jnp.ones(1)}
-  tx = train.make_optimizer(cfg, num_steps=10, params=params)
+      weight_decay=0.0, decay_at=(0.5,), decay_factor=0.5, tap_learning_rates=tap_rates))
+  bridges = {"tap0": {"kernel": jnp.ones(2)}, "tap1": {"kernel": jnp.ones(2)}}
+  params = {"net": {"tap0": jnp.ones(3)},  # a network's own layer is never a bridge
+            "groups": {"0": {"net_bridges": bridges, "frozen_bridges": [bridges],
+                             "logit_scale": jnp.ones(1)}}}
+  tx = train.make_optimizer(cfg, num_steps=10)
   grads = jax.tree.map(jnp.ones_like, params)
   state = tx.init(params)
-  for step, (net_lr, bridge_lr) in enumerate([(0.1, 0.01)] * 5 + [(0.05, 0.005)]):
+  bridge_rates = tap_rates or (0.01, 0.01)
+  for step in range(6):
+    decay = 0.5 if step == 5 else 1.0
     updates, state = tx.update(grads, state, params)
-    np.testing.assert_allclose(updates["net"], -net_lr, rtol=1e-6, err_msg=str(step))
-    np.testing.assert_allclose(updates["net_bridges"], -bridge_lr, rtol=1e-6)
-    np.testing.assert_allclose(updates["logit_scale"], -bridge_lr, rtol=1e-6)
+    group = updates["groups"]["0"]
+    np.testing.assert_allclose(updates["net"]["tap0"], -0.1 * decay, rtol=1e-6)
+    np.testing.assert_allclose(group["logit_scale"], -0.01 * decay, rtol=1e-6)
+    for tap, rate in zip(("tap0", "tap1"), bridge_rates):
+      for side in (group["net_bridges"], group["frozen_bridges"][0]):
+        np.testing.assert_allclose(side[tap]["kernel"], -rate * decay, rtol=1e-6,
+                                   err_msg=f"{step} {tap}")
 
 
 def test_unknown_optimizer_names_the_choices():
   cfg = ml_collections.ConfigDict(dict(name="lamb", learning_rate=0.1, decay_at=(),
                                        decay_factor=0.5))
   with pytest.raises(ValueError, match="'adam' or 'sgd'"):
-    train.make_optimizer(cfg, 10, {"net": jnp.ones(1)})
+    train.make_optimizer(cfg, 10).init({"net": jnp.ones(1)})

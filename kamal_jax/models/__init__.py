@@ -2,6 +2,8 @@
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from kamal_jax.models.bridges import Bridges
 from kamal_jax.models.resnet import Outputs, ResNet
@@ -45,4 +47,24 @@ def create(arch: str, num_outputs: int, width_scale: float = 1.0,
                 block=spec.block, small_input=spec.small_input, dtype=jnp.dtype(dtype))
 
 
-__all__ = ["ARCHS", "Arch", "Bridges", "Outputs", "ResNet", "create"]
+def with_backbone(variables: dict, backbone: dict) -> dict:
+  """`variables` ({'params', 'batch_stats'} of a network, or of a stack of them with
+  leading axes) with every variable of `backbone` (one network of the same
+  architecture, e.g. ImageNet weights) copied in, broadcast over the leading axes,
+  except the classifier 'head': the network starts from the pretrained features and
+  learns a head for its own classes."""
+  flat = traverse_util.flatten_dict(variables)
+  given = {k: v for k, v in traverse_util.flatten_dict(backbone).items() if "head" not in k}
+  missing = [k for k in flat if "head" not in k and k not in given]
+  wrong = [k for k, v in given.items()
+           if k not in flat or np.shape(flat[k])[np.ndim(flat[k]) - np.ndim(v):] != np.shape(v)]
+  if missing or wrong:
+    names = ["/".join(k) for k in (missing + wrong)[:4]]
+    raise ValueError(f"The pretrained variables do not fit the network ({names} missing "
+                     "or of another shape): give a checkpoint of the network's "
+                     "architecture and input channels.")
+  flat.update({k: np.broadcast_to(v, np.shape(flat[k])) for k, v in given.items()})
+  return traverse_util.unflatten_dict(flat)
+
+
+__all__ = ["ARCHS", "Arch", "Bridges", "Outputs", "ResNet", "create", "with_backbone"]

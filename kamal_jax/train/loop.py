@@ -108,18 +108,24 @@ def _log(log: MetricLog, name: str, step: int, history: list, labels):
 
 def fit(name: str, directory: Path, make_state: Callable[[], TrainState],
         loss_fn: Callable, spec: Hashable, frozen, batch_fn: Callable[[int], dict],
-        schedule: Schedule, log: MetricLog,
-        labels: Mapping[str, Sequence[str]]) -> TrainState:
+        schedule: Schedule, log: MetricLog, labels: Mapping[str, Sequence[str]],
+        warm_start: Callable[[TrainState], TrainState] | None = None) -> TrainState:
   """Trains a stage to `schedule.num_steps` and returns its final (host) state.
 
   Resumes from the latest checkpoint in `directory`; `batch_fn(step)` must be a pure
   function of the step (sharded for the local devices), so a resumed run sees the
   same batches as an uninterrupted one. `labels` names the entries of vector metrics
-  (see MetricLog).
+  (see MetricLog). A fresh stage starts from `make_state()`, passed through
+  `warm_start` where given (pretrained weights: host arrays, kept out of the jitted
+  init, which would embed them as constants).
   """
   with _manager(directory) as manager:
     start = manager.latest_step() or 0
-    state = _restore(manager, start, make_state) if start else jax.jit(make_state)()
+    if start:
+      state = _restore(manager, start, make_state)
+    else:
+      state = jax.jit(make_state)()
+      state = warm_start(state) if warm_start else state
     if start == schedule.num_steps:
       return state
     step_fn = train_step(loss_fn, spec)

@@ -1,6 +1,7 @@
 """TrainState and optimizers with one learning rate per parameter group."""
 import functools
 import json
+import re
 from typing import Any
 
 import jax
@@ -13,10 +14,17 @@ class TrainState(train_state.TrainState):
   batch_stats: Any
 
 
-def param_group(name: str) -> str:
-  """Top-level parameter collections: 'net' is the network being trained; every
-  other collection (bridges, logit scales) learns at the bridge rate."""
-  return "net" if name == "net" else "bridges"
+def param_group(path: tuple[str, ...], taps: int) -> str:
+  """The learning-rate group of the parameter at `path` (its dict keys): 'net' for
+  the network being trained; 'tap{l}' for a bridge on feature tap l when the
+  optimizer gives `taps` per-tap rates; 'bridges' for the rest (bridges, logit
+  scales)."""
+  if path[0] == "net":
+    return "net"
+  for key in path:
+    if re.fullmatch(r"tap\d+", key) and int(key[3:]) < taps:
+      return key
+  return "bridges"
 
 
 def _schedule(cfg: ml_collections.ConfigDict, base_lr: float, num_steps: int):
@@ -36,25 +44,31 @@ def _optimizer(cfg: ml_collections.ConfigDict, learning_rate) -> optax.GradientT
   raise ValueError(f"Unknown optimizer {cfg.name!r}: use 'adam' or 'sgd'.")
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int,
-                   params: dict) -> optax.GradientTransformation:
-  """optax.multi_transform over the top-level collections of `params`: the network
-  at `cfg.learning_rate`, the rest at `cfg.bridge_learning_rate`."""
-  labels = tuple((name, param_group(name)) for name in params)
-  return _cached_optimizer(cfg.to_json(sort_keys=True), num_steps, labels)
+def make_optimizer(cfg: ml_collections.ConfigDict,
+                   num_steps: int) -> optax.GradientTransformation:
+  """optax.multi_transform over `param_group`s: the network at `cfg.learning_rate`,
+  bridges and logit scales at `cfg.bridge_learning_rate`, except the bridges of tap
+  l at `cfg.tap_learning_rates[l]` where that tuple is not empty (the reference
+  gives its last tap's bridges a lower rate)."""
+  return _cached_optimizer(cfg.to_json(sort_keys=True), num_steps)
 
 
 @functools.cache
-def _cached_optimizer(cfg_json: str, num_steps: int, labels: tuple):
+def _cached_optimizer(cfg_json: str, num_steps: int):
   """One optax object per setting. A TrainState carries its optimizer as static
   pytree data, so states built with equal settings must share the object to share
   a pytree structure, and so a compiled step (one per stage, not one per group)."""
   cfg = ml_collections.ConfigDict(json.loads(cfg_json))
+  taps = tuple(cfg.get("tap_learning_rates", ()))
   rates = {"net": cfg.learning_rate, "bridges": cfg.get("bridge_learning_rate",
-                                                       cfg.learning_rate)}
-  transforms = {group: _optimizer(cfg, _schedule(cfg, rates[group], num_steps))
-                for group in {group for _, group in labels}}
-  return optax.multi_transform(transforms, dict(labels))
+                                                       cfg.learning_rate),
+           **{f"tap{l}": rate for l, rate in enumerate(taps)}}
+  transforms = {group: _optimizer(cfg, _schedule(cfg, rate, num_steps))
+                for group, rate in rates.items()}
+  labels = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: param_group(tuple(str(getattr(k, "key", k)) for k in path),
+                                  len(taps)), params)
+  return optax.multi_transform(transforms, labels)
 
 
 def create_state(variables: dict, cfg: ml_collections.ConfigDict,
@@ -64,7 +78,7 @@ def create_state(variables: dict, cfg: ml_collections.ConfigDict,
   params = variables["params"]
   return TrainState.create(apply_fn=None, params=params,
                            batch_stats=variables.get("batch_stats", {}),
-                           tx=make_optimizer(cfg, num_steps, params))
+                           tx=make_optimizer(cfg, num_steps))
 
 
 def count_params(params) -> int:
