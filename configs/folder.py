@@ -14,7 +14,7 @@ data.path at the digits written out as PNG files reproduces it:
 
   python -c "from kamal_jax import data; from kamal_jax.configs import digits
   d = data.load(digits.get_config().data)
-  data.folder.write(d.images, d.labels[:, 0], d.class_names, 'digits_png')"
+  data.folder.write(d.images.array, d.labels[:, 0], d.class_names, 'digits_png')"
   kamal-jax --config=configs/folder.py --config.data.path=digits_png --workdir=W
 
 For photos, raise data.image_size, set data.channels=3, the views and the

@@ -102,6 +102,11 @@ class Run:
                      schedule, self.log, labels, warm_start)
 
 
+def _local(picks: np.ndarray) -> np.ndarray:
+  """This process's rows of a global batch's indices (all of them in one process)."""
+  return data.local_rows(picks, jax.process_index(), jax.process_count())
+
+
 def sharded(batch: dict, axis: int = 0) -> dict:
   """Splits the batch axis of every array over the local devices."""
   devices = jax.local_device_count()
@@ -163,8 +168,8 @@ def train_supervised(run: Run, name: str, stage: str, module, spaces: dict,
   x = run.images(np.arange(1))
 
   def batch_fn(step):
-    picks = [m[data.batch_indices(len(m), cfg.batch_size, run.config.seed,
-                                  f"{name}/{n}", step)] for n, m in zip(names, members)]
+    picks = [_local(m[data.batch_indices(len(m), cfg.batch_size, run.config.seed,
+                                         f"{name}/{n}", step)]) for n, m in zip(names, members)]
     return sharded({
         "image": np.stack([run.images(p, domains[n], f"{name}/{n}", step)
                            for n, p in zip(names, picks)]),
@@ -222,18 +227,20 @@ def _amalgamation_batches(run: Run, spec, indices: np.ndarray, parts, stream: st
                           batch_size: int):
   """batch_fn over the given images: only 'image' reaches the step, plus a PRNG key
   per device for the random rule and, for the oracle (an upper bound), labels [B, G]:
-  each image's position in each of the network's G parts."""
-  devices = jax.local_device_count()
+  each image's position in each of the network's G parts. Each process reads its
+  own rows of the global batch."""
 
   def batch_fn(step):
-    picks = indices[data.batch_indices(len(indices), batch_size, run.config.seed, stream, step)]
+    picks = _local(indices[data.batch_indices(len(indices), batch_size, run.config.seed,
+                                              stream, step)])
     batch = {"image": run.images(picks, stream=stream, step=step)}
     if spec.selection in ambiguity.NEEDS_LABELS:
       batch["label"] = _head_labels(run, picks, parts)
     batch = sharded(batch)
     if spec.selection in ambiguity.NEEDS_KEY:
       rng = data.stream_rng(run.config.seed, f"{stream}/keys", step)
-      batch["key"] = rng.integers(0, 2**32, size=(devices, 2), dtype=np.uint32)
+      keys = rng.integers(0, 2**32, size=(jax.device_count(), 2), dtype=np.uint32)
+      batch["key"] = _local(keys)  # one per device of the run
     return batch
 
   return batch_fn
@@ -380,11 +387,12 @@ def evaluate_all(run: Run, pool: list[teachers.TeacherStack], components, studen
     entry["params"] = teacher_params[entry["name"]]
 
   # What each component learns from: on its stage-1 pool, and on the test images.
-  pool_logits = _teacher_logits(run, pool, run.train_indices)
-  for g, (group, entry) in enumerate(zip(plan.groups, result["components"])):
-    images = _pool(run, group.part.classes)
-    at = np.searchsorted(run.train_indices, images)
-    entry.update(_selection(run, g, group, {n: l[at] for n, l in pool_logits.items()},
+  pools = [_pool(run, group.part.classes) for group in plan.groups]
+  seen = np.unique(np.concatenate(pools))  # every training image under data.pool='all'
+  seen_logits = _teacher_logits(run, pool, seen)
+  for g, (group, entry, images) in enumerate(zip(plan.groups, result["components"], pools)):
+    at = np.searchsorted(seen, images)
+    entry.update(_selection(run, g, group, {n: l[at] for n, l in seen_logits.items()},
                             images))
     entry["test_selection"] = _selection(run, g, group, teacher_logits, run.test_indices)
     entry["params"] = train.count_params(components[g]["params"]) if components else None
@@ -393,7 +401,7 @@ def evaluate_all(run: Run, pool: list[teachers.TeacherStack], components, studen
 
 def validate(config: ml_collections.ConfigDict):
   """Checks what can be checked before any data is read, naming the fix."""
-  devices = jax.local_device_count()
+  devices = jax.device_count()
   sizes = {f"{stage}.batch_size": config[stage].batch_size
            for stage in ("teacher_training", "stage1", "stage2")}
   for name, size in dict(sizes, eval_batch_size=config.eval_batch_size).items():

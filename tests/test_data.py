@@ -169,3 +169,12 @@ def test_mixed_domains_are_seeded_and_balanced():
   mixed = data.in_domains(images, assigned, ("original", "inverted"))
   np.testing.assert_array_equal(mixed[assigned == 0], images[assigned == 0])
   np.testing.assert_allclose(mixed[assigned == 1], 1 - images[assigned == 1])
+
+
+def test_processes_read_disjoint_blocks_that_make_up_the_global_batch():
+  picks = np.arange(12) * 10
+  blocks = [data.local_rows(picks, p, 3) for p in range(3)]
+  np.testing.assert_array_equal(np.concatenate(blocks), picks)
+  np.testing.assert_array_equal(blocks[1], [40, 50, 60, 70])
+  with pytest.raises(ValueError, match="does not split over 5 processes"):
+    data.local_rows(picks, 0, 5)

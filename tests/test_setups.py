@@ -19,6 +19,13 @@ from kamal_jax.configs import attribute_setup, class_setup
 EXAMPLES = 64  # per split and dataset
 
 
+class _Source(list):
+  """A list with the batched read of tfds' data sources."""
+
+  def __getitems__(self, keys):
+    return [self[k] for k in keys]
+
+
 def _as_data_source(builder, split, decoders=None, **kwargs):
   """Random JPEG images of random sizes with random labels or attributes."""
   del decoders, kwargs
@@ -35,7 +42,7 @@ def _as_data_source(builder, split, decoders=None, **kwargs):
     else:
       example["attributes"] = {a: bool(rng.integers(2)) for a in features["attributes"].keys()}
     examples.append(example)
-  return examples
+  return _Source(examples)
 
 
 @pytest.fixture

@@ -100,9 +100,12 @@ def assign_domains(count: int, domains, seed: int) -> np.ndarray:
 
 
 def in_domains(images: np.ndarray, assigned: np.ndarray, domains) -> np.ndarray:
-  """Each image of a batch [B, ...] in its own domain (`assigned` [B] indices)."""
-  mixed = images.copy()
-  for d, domain in enumerate(domains):
+  """Each image of a batch [B, ...] in its own domain (`assigned` [B] indices); the
+  batch itself when every image is in the 'original' domain."""
+  moved = [(d, domain) for d, domain in enumerate(domains)
+           if domain != "original" and np.any(assigned == d)]
+  mixed = images.copy() if moved else images
+  for d, domain in moved:
     mixed[assigned == d] = in_domain(images[assigned == d], domain)
   return mixed
 
@@ -140,6 +143,15 @@ def batch_indices(num_items: int, batch_size: int, seed: int, stream: str,
   epoch, position = divmod(step, per_epoch)
   order = stream_rng(seed, stream, epoch).permutation(num_items)
   return order[position * batch_size:(position + 1) * batch_size]
+
+
+def local_rows(array: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+  """This process's block of a global batch [B, ...] -> [B / process_count, ...]:
+  each process of a multi-process run reads (and decodes) only its own rows."""
+  if len(array) % process_count:
+    raise ValueError(f"Batch of {len(array)} does not split over {process_count} "
+                     f"processes: use a batch size divisible by the device count.")
+  return np.split(array, process_count)[process_index]
 
 
 def shard(array: np.ndarray, num_devices: int) -> np.ndarray:

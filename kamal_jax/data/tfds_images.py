@@ -46,6 +46,15 @@ def _labels(example, dataset_heads) -> list[int]:
   return [int(bool(example["attributes"][h.name])) for h in dataset_heads]
 
 
+def _read_labels(source, dataset_heads, chunk: int = 1024) -> np.ndarray:
+  """[N, heads]: every record's labels, read a chunk of records per call."""
+  rows = []
+  for start in range(0, len(source), chunk):
+    examples = source.__getitems__(list(range(start, min(start + chunk, len(source)))))
+    rows.extend(_labels(example, dataset_heads) for example in examples)
+  return np.array(rows, np.int32).reshape(len(source), len(dataset_heads))
+
+
 def _image(record) -> bytes:
   source, index = record
   return source[index]["image"]
@@ -62,8 +71,7 @@ def load(names, data_dir: str, view: View, channels: int):
     for split in SPLITS:
       source = dataset.as_data_source(split=split,
                                       decoders={"image": tfds.decode.SkipDecoding()})
-      block = [_labels(source[i], dataset_heads) for i in range(len(source))]
-      blocks.append((len(all_heads), np.array(block, np.int32).reshape(len(source), -1)))
+      blocks.append((len(all_heads), _read_labels(source, dataset_heads)))
       records.extend((source, i) for i in range(len(source)))
       test.append(np.full(len(source), split == "test"))
     all_heads.extend(dataset_heads)
