@@ -17,8 +17,10 @@ unlabeled image instead.
 
 tfds has stanford_dogs, caltech_birds2011 and cars196 (FGVC-Aircraft is not in the
 catalogue: use configs/folder.py on its images). The datasets' own train/test
-splits are used. Teachers may start from ImageNet weights: give
-teacher_checkpoints for trained teachers, or see third_party/README.md.
+splits are used. As in the reference, the source nets and components start from
+ImageNet weights with --config.models.pretrained=resnet18.safetensors (a
+torchvision-named checkpoint; see the README), the student from scratch;
+teacher_checkpoints imports source nets trained elsewhere instead.
 """
 import ml_collections
 import numpy as np
