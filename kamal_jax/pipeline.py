@@ -11,15 +11,18 @@ never retrains a finished stage; a later stage restores what the earlier ones le
 """
 import dataclasses
 import json
+import tempfile
 import time
 import zlib
 from pathlib import Path
 
 import jax
+from absl import logging
 import ml_collections
 import numpy as np
 
-from kamal_jax import ambiguity, amalgamate, data, evaluate, models, report, tasks, teachers, train
+from kamal_jax import (ambiguity, amalgamate, data, evaluate, files, models, report, tasks,
+                       teachers, train)
 
 STAGES = ("teachers", "stage1", "stage2", "evaluate")
 PIPELINES = ("two_stage", "single_stage", "ensemble", "supervised")
@@ -469,8 +472,67 @@ def _backbone(config: ml_collections.ConfigDict, channels: int) -> dict | None:
   return variables
 
 
+# Config fields that change how often a run logs and checkpoints, never its results.
+CADENCE = ("log_every", "checkpoint_every")
+
+
+def _flat(tree, prefix: str = "") -> dict:
+  """A nested dict -> {'a.b.c': leaf}."""
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  return {k: v for key, value in tree.items()
+          for k, v in _flat(value, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def config_drift(config: ml_collections.ConfigDict, workdir: Path) -> list[str]:
+  """The fields (but CADENCE) whose values differ from those of the config the
+  workdir was started with, as 'field: old -> new'; none for a new workdir."""
+  saved = workdir / "config.json"
+  if not saved.is_file():
+    return []
+  old = _flat(json.loads(saved.read_text()))
+  new = _flat(json.loads(config.to_json_best_effort()))
+  return [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}"
+          for k in sorted(set(old) | set(new)) if k not in CADENCE and old.get(k) != new.get(k)]
+
+
+def _check_workdir(config: ml_collections.ConfigDict, workdir: Path):
+  """Refuses a workdir that is a file, cannot be written, or holds a run of a config
+  that gives other results (resuming it would mix the two)."""
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"--workdir {workdir} is a file: give a directory, new or of this run.")
+  existing = next(p for p in (workdir, *workdir.absolute().parents) if p.exists())
+  try:
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as error:
+    raise ValueError(f"--workdir {workdir} cannot be written ({error.strerror} in "
+                     f"{existing}): give a directory you can write.") from error
+  drift = config_drift(config, workdir)
+  if drift:
+    more = f" and {len(drift) - 5} more" if len(drift) > 5 else ""
+    raise ValueError(
+        f"{workdir} holds a run of another config ({'; '.join(drift[:5])}{more}): "
+        "resume it with its config.json's values, use another --workdir, or pass "
+        "--start_fresh to start anew beside it.")
+
+
+def workdir_for(config: ml_collections.ConfigDict, workdir: Path, start_fresh: bool) -> Path:
+  """`workdir`; with start_fresh, where it holds a run of another config, the first
+  WORKDIR-N (N = 2, 3, ...) that is new or holds a run of this config."""
+  candidate, n = workdir, 1
+  while start_fresh and candidate.exists() and config_drift(config, candidate):
+    n += 1
+    candidate = workdir.with_name(f"{workdir.name}-{n}")
+  if candidate != workdir:
+    logging.warning("%s holds a run of another config; this one runs in %s.", workdir,
+                    candidate)
+  return candidate
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> Run:
   validate(config)
+  _check_workdir(config, workdir)
   dataset = data.load(config.data)
   backbone = _backbone(config, dataset.images.read(np.arange(1)).shape[-1])
   spaces = {name: tasks.label_space(spec, name) for name, spec in config.teachers.items()}
@@ -498,7 +560,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> R
   domains = data.assign_domains(len(dataset.labels), tuple(config.data.domains), config.seed)
   # The workdir is touched only once the config has passed every check above.
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  files.write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
   return Run(config, workdir, dataset, domains, train_indices, test_indices, plan,
              sources, tuple(stacks), train.MetricLog(workdir), tuple(train_stages), backbone)
 
@@ -521,7 +583,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     out = fn(*args)
     if stage in run.trained:
       timings[stage] = round(time.perf_counter() - start, 2)
-      timings_path.write_text(json.dumps(timings, indent=2))
+      files.write_atomic(timings_path, json.dumps(timings, indent=2))
     return out
 
   last = max(STAGES.index(s) for s in stages)

@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+from kamal_jax import files
+
 
 def _cell(value) -> str:
   if value is None:
@@ -151,5 +153,5 @@ def _save(fig, workdir: Path, name: str) -> str:
 
 
 def write(result: dict, workdir: Path):
-  (workdir / "report.json").write_text(json.dumps(result, indent=2) + "\n")
-  (workdir / "report.md").write_text(markdown(result, plot(result, workdir)))
+  files.write_atomic(workdir / "report.json", json.dumps(result, indent=2) + "\n")
+  files.write_atomic(workdir / "report.md", markdown(result, plot(result, workdir)))

@@ -69,6 +69,39 @@ def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(setup, tmp_path)
     np.testing.assert_array_equal(a, b)
 
 
+def _damage(step_dir, how):
+  """Garbles a byte run in, or cuts in half, the checkpoint's largest array file; or
+  removes its checksums, as a kill between orbax's finalisation and the seal does."""
+  if how == "unsealed":
+    (step_dir / train.CHECKSUMS).unlink()
+    return
+  largest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  content = bytearray(largest.read_bytes())
+  if how == "garbled":
+    content[len(content) // 3:len(content) // 3 + 8] = bytes(8)
+  else:
+    del content[len(content) // 2:]
+  largest.write_bytes(bytes(content))
+
+
+@pytest.mark.parametrize("how", ["garbled", "truncated", "unsealed"])
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_before_it(
+    setup, tmp_path, how, caplog):
+  whole = _fit(setup, tmp_path / "whole")
+  _fit(setup, tmp_path / "run")
+  _damage(tmp_path / "run" / "ckpt" / "6", how)
+  resumed = _fit(setup, tmp_path / "run")  # the final checkpoint is bad: steps 5-6 again
+  assert "Checkpoint" in caplog.text and "is damaged" in caplog.text
+  assert sorted(p.name for p in (tmp_path / "run" / "ckpt").iterdir()) == ["4", "6"]
+  assert [p.name for p in (tmp_path / "run" / "ckpt.damaged").iterdir()] == ["6"]
+  for a, b in zip(jax.tree.leaves((whole.params, whole.opt_state)),
+                  jax.tree.leaves((resumed.params, resumed.opt_state))):
+    np.testing.assert_array_equal(a, b)
+  logged = [json.loads(line)["step"]
+            for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert logged == [1, 2, 3, 4, 5, 6]  # steps 5-6 are logged once, by the resumed run
+
+
 def test_finished_stage_is_restored_not_retrained(setup, tmp_path):
   _, _, make_state = setup
   assert train.restore_finished(tmp_path / "ckpt", make_state, 6) is None

@@ -5,7 +5,9 @@ whose latest checkpoint is at its last step is finished: it is restored, never
 trained again.
 """
 import dataclasses
+import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Callable, Hashable, Mapping, Sequence
 
@@ -13,8 +15,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
+from absl import logging
 from tensorboardX import SummaryWriter
 
+from kamal_jax import files
 from kamal_jax.train.state import TrainState
 from kamal_jax.train.step import replicate, train_step, unreplicate
 
@@ -40,7 +44,61 @@ class Schedule:
 def _manager(directory: Path) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       directory.absolute(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
+                                           cleanup_tmp_directories=True))
+
+
+# Each finished checkpoint gets the SHA-256 of its files: orbax's atomic rename
+# guards against a kill while saving, but a file garbled later restores silently as
+# wrong numbers (tried: a flipped byte in an array chunk), so every restore checks.
+CHECKSUMS = "kamal_jax_sha256.json"
+
+
+def _digests(step_dir: Path) -> dict[str, str]:
+  return {str(p.relative_to(step_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != CHECKSUMS}
+
+
+def _save(manager: ocp.CheckpointManager, step: int, state: TrainState):
+  """Saves, waits for orbax to finalise the checkpoint, then seals it with checksums
+  (a checkpoint without them, from a kill in between, is never trusted)."""
+  manager.save(step, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+  if jax.process_index() == 0:
+    step_dir = Path(manager.directory) / str(step)
+    files.write_atomic(step_dir / CHECKSUMS, json.dumps(_digests(step_dir), indent=0))
+
+
+def _damage(step_dir: Path) -> str | None:
+  """Why a checkpoint cannot be trusted, or None."""
+  try:
+    expected = json.loads((step_dir / CHECKSUMS).read_text())
+  except (OSError, ValueError):
+    return "no readable checksums: it was cut short"
+  changed = sorted(set(expected.items()) ^ set(_digests(step_dir).items()))
+  return f"{changed[0][0]} is missing or changed" if changed else None
+
+
+def _latest_good(manager: ocp.CheckpointManager) -> int:
+  """The newest checkpoint whose files match their checksums (0: none). Damaged
+  newer ones are moved aside to DIRECTORY.damaged/STEP, reported in one line each,
+  so the run goes on from the previous good one and never saves over them."""
+  directory = Path(manager.directory)
+  good = 0
+  for step in sorted(manager.all_steps(), reverse=True):
+    reason = _damage(directory / str(step))
+    if reason is None:
+      good = step
+      break
+    aside = directory.with_name(f"{directory.name}.damaged") / str(step)
+    if jax.process_index() == 0:
+      aside.parent.mkdir(exist_ok=True)
+      shutil.rmtree(aside, ignore_errors=True)
+      shutil.move(directory / str(step), aside)
+    logging.warning("Checkpoint %s is damaged (%s): moved to %s; going on from the "
+                    "one before.", directory / str(step), reason, aside)
+    manager.reload()
+  return good
 
 
 def _on_first_device(abstract):
@@ -57,11 +115,22 @@ def _restore(manager: ocp.CheckpointManager, step: int, make_state) -> TrainStat
 
 def restore_finished(directory: Path, make_state: Callable[[], TrainState],
                      num_steps: int) -> TrainState | None:
-  """The final state of a finished stage, or None if the stage has not finished."""
+  """The final state of a finished stage, or None if the stage has not finished
+  (or its final checkpoint is damaged: then it resumes from the one before)."""
   with _manager(directory) as manager:
-    if manager.latest_step() != num_steps:
+    if _latest_good(manager) != num_steps:
       return None
     return _restore(manager, num_steps, make_state)
+
+
+def _kept(line: str, stage: str, step: int) -> bool:
+  """Whether a metrics.jsonl line stays when `stage` resumes at `step` (a line cut
+  short by a kill never does)."""
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    return False
+  return record["stage"] != stage or record["step"] <= step
 
 
 class MetricLog:
@@ -75,6 +144,16 @@ class MetricLog:
   def __init__(self, workdir: Path):
     self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
     self.path = workdir / "metrics.jsonl"
+
+  def resume(self, stage: str, step: int):
+    """Drops the stage's records after `step` (logged by a run killed before its next
+    checkpoint), which the resumed run logs again."""
+    if not self.path.exists():
+      return
+    lines = self.path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _kept(line, stage, step)]
+    if len(kept) < len(lines):
+      files.write_atomic(self.path, "".join(kept))
 
   def write(self, stage: str, step: int, means: dict, labels: Mapping[str, Sequence[str]]):
     record = {"stage": stage, "step": step}
@@ -94,14 +173,19 @@ class MetricLog:
 
 
 def _log(log: MetricLog, name: str, step: int, history: list, labels):
-  """Writes the means of the metrics since the last log, once they are checked."""
+  """Writes the means of the metrics of the steps up to `step` since the last log,
+  once every step's loss and gradient norm are checked to be finite."""
   history = jax.device_get(history)  # replicated: [devices, ...] per metric
+  for offset, metrics in enumerate(history):
+    bad = {k: float(metrics[k][0]) for k in ("loss", "grad_norm")
+           if not np.isfinite(metrics[k][0])}
+    if bad:
+      raise NonFiniteLossError(
+          f"Stage {name!r}: non-finite {', '.join(f'{k} {v}' for k, v in bad.items())} "
+          f"at step {step - len(history) + offset + 1}; no checkpoint was written after "
+          "the last good one. Lower the learning rate or check the inputs, then run "
+          "again to resume from the last checkpoint.")
   means = jax.tree.map(lambda *xs: np.mean(np.stack(xs)[:, 0], axis=0), *history)
-  if not np.isfinite(means["loss"]):
-    raise NonFiniteLossError(
-        f"Stage {name!r}: non-finite loss {means['loss']} at step {step}; no "
-        "checkpoint was written after the last good one. Lower the learning rate "
-        "or check the inputs, then run again to resume from the last checkpoint.")
   log.write(name, step, means, labels)
   return means
 
@@ -120,7 +204,7 @@ def fit(name: str, directory: Path, make_state: Callable[[], TrainState],
   init, which would embed them as constants).
   """
   with _manager(directory) as manager:
-    start = manager.latest_step() or 0
+    start = _latest_good(manager)
     if start:
       state = _restore(manager, start, make_state)
     else:
@@ -128,6 +212,7 @@ def fit(name: str, directory: Path, make_state: Callable[[], TrainState],
       state = warm_start(state) if warm_start else state
     if start == schedule.num_steps:
       return state
+    log.resume(name, start)
     step_fn = train_step(loss_fn, spec)
     state = replicate(state)
     frozen = replicate(frozen)
@@ -144,6 +229,5 @@ def fit(name: str, directory: Path, make_state: Callable[[], TrainState],
         bar.set_postfix(loss=f"{means['loss']:.4f}")
         history = []
       if done % schedule.checkpoint_every == 0 or last:
-        manager.save(done, args=ocp.args.StandardSave(unreplicate(state)))
-    manager.wait_until_finished()
+        _save(manager, done, unreplicate(state))
     return unreplicate(state)
