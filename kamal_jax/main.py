@@ -59,7 +59,7 @@ def _parse(argv: list[str]) -> flags.FlagValues:
   try:
     values(argv)
     for name in ("config", "workdir"):
-      if values[name].value is None:
+      if not values[name].value:
         raise BadInput(f"--{name} is required: give --config=FILE.py and --workdir=DIR.")
     path = config_flags.get_config_filename(values["config"]).split(":", 1)[0]
     if not os.path.isfile(path):

@@ -408,9 +408,18 @@ def validate(config: ml_collections.ConfigDict):
   sizes = {f"{stage}.batch_size": config[stage].batch_size
            for stage in ("teacher_training", "stage1", "stage2")}
   for name, size in dict(sizes, eval_batch_size=config.eval_batch_size).items():
-    if size % devices:
+    if size <= 0 or size % devices:
       raise ValueError(f"{name}={size} does not split over {devices} devices: use a "
-                       f"multiple of {devices}.")
+                       f"positive multiple of {devices}.")
+  counts = {f"{stage}.steps": config[stage].steps
+            for stage in ("teacher_training", "stage1", "stage2")}
+  for name, count in dict(counts, log_every=config.log_every).items():
+    if count <= 0:
+      raise ValueError(f"{name}={count}: give a positive number.")
+  widths = tuple(config.stage1.bridge_widths)
+  if not widths or not all(isinstance(w, int) and w > 0 for w in widths):
+    raise ValueError(f"stage1.bridge_widths={widths}: give one positive integer per "
+                     "feature tap.")
   choices = {"pipeline": (config.pipeline, PIPELINES),
              "data.pool": (config.data.pool, ("all", "reference")),
              "stage1.selection": (config.stage1.selection, tuple(ambiguity.RULES)),
@@ -425,9 +434,9 @@ def validate(config: ml_collections.ConfigDict):
     if len(rates) not in (0, taps):
       raise ValueError(f"{stage}.optimizer.tap_learning_rates has {len(rates)} rates for "
                        f"{taps} feature taps: give one per tap, or none.")
-  if len(config.data.mean) != len(config.data.std):
+  if len(config.data.mean) != len(config.data.std) or min(config.data.std, default=1) <= 0:
     raise ValueError(f"data.mean {tuple(config.data.mean)} and data.std "
-                     f"{tuple(config.data.std)} differ in length: give one per channel.")
+                     f"{tuple(config.data.std)}: give one of each per channel, std > 0.")
   if config.data.name == "folder" and not config.data.get("path"):
     raise ValueError("data.path is empty: set --config.data.path to a folder with one "
                      "sub-folder of images per class.")
@@ -533,6 +542,11 @@ def workdir_for(config: ml_collections.ConfigDict, workdir: Path, start_fresh: b
 def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> Run:
   validate(config)
   _check_workdir(config, workdir)
+  first = min(STAGES.index(s) for s in train_stages) if train_stages else 0
+  if first and not (workdir / "config.json").is_file():
+    raise StageNotReadyError(
+        f"Stage {STAGES[0]!r} has not finished: {workdir} holds no run. Run all stages, "
+        f"or those before {STAGES[first]!r} first.")
   dataset = data.load(config.data)
   backbone = _backbone(config, dataset.images.read(np.arange(1)).shape[-1])
   spaces = {name: tasks.label_space(spec, name) for name, spec in config.teachers.items()}
@@ -552,6 +566,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> R
       len(h.classes) for h in t.label_space.heads)) for n, t in sources.items()})
   plan = tasks.make_plan(config.target.parts,
                          {n: spaces[n] for names in stacks for n in names})
+  for group in plan.groups:  # allowed: amalgamation then distils that one teacher
+    if len(group.teachers) == 1 and config.pipeline in ("two_stage", "single_stage"):
+      logging.warning("Part %r has one teacher (%s): there is nothing to select; its "
+                      "head learns from that teacher alone.", group.part.name,
+                      group.teachers[0])
   if dataset.test is None:
     train_indices, test_indices = data.stratified_split(
         dataset.labels, config.data.test_fraction, config.seed)
