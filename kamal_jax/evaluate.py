@@ -9,6 +9,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from kamal_jax import ambiguity, data, tasks
 from kamal_jax.teachers import stacked_apply
@@ -30,17 +31,27 @@ def predict(module: nn.Module, variables, read: Callable[[np.ndarray], np.ndarra
             count: int, batch_size: int, stacked: bool = False) -> np.ndarray:
   """Logits [N, C], or [K, N, C] for stacked variables, of the images `read(indices)`
   gives for indices 0..count-1, in fixed-size batches (the last one padded with
-  repeats) so one compiled program serves every batch."""
+  repeats) so one compiled program serves every batch. In a multi-process run each
+  process reads its rows of every batch and all get every logit."""
   devices = jax.local_device_count()
   predictor = _predictor(module, stacked)
   variables = replicate(variables)
   chunks = []
   for start in range(0, count, batch_size):
     indices = np.minimum(np.arange(start, start + batch_size), count - 1)
-    chunks.append(predictor(variables, data.shard(read(indices), devices)))
-  logits = np.concatenate([np.asarray(c).reshape((-1,) + c.shape[2:]) for c in chunks])
-  logits = logits[:count]
+    local = data.local_rows(indices, jax.process_index(), jax.process_count())
+    chunks.append(predictor(variables, data.shard(read(local), devices)))
+  logits = np.concatenate([_gathered(c) for c in chunks])[:count]
   return logits.transpose(1, 0, 2) if stacked else logits
+
+
+def _gathered(chunk) -> np.ndarray:
+  """A pmapped output [local devices, b, ...] -> every process's rows [B, ...], in
+  the order of the batch (process blocks in process order)."""
+  if jax.process_count() > 1:
+    chunk = multihost_utils.process_allgather(chunk, tiled=True)
+  chunk = np.asarray(chunk)
+  return chunk.reshape((-1,) + chunk.shape[2:])
 
 
 def accuracy(logits: np.ndarray, targets: np.ndarray) -> float:

@@ -1,7 +1,7 @@
 """kamal-jax: the command line.
 
   kamal-jax --config=configs/digits.py --workdir=runs/digits [--stage=stage1]
-            [--config.seed=1 ...] [--start_fresh] [--debug]
+            [--config.seed=1 ...] [--start_fresh] [--debug] [--distributed ...]
 
 Exit status: 0 when the stages ran; 2 on bad input (config, data, teachers,
 workdir) or a stage that cannot go on (non-finite loss, earlier stage missing), with
@@ -38,6 +38,16 @@ def _flags(argv: list[str]) -> flags.FlagValues:
                     "start anew in the first free WORKDIR-N beside it (WORKDIR stays "
                     "as it is) instead of refusing.", flag_values=values)
   flags.DEFINE_bool("debug", False, "Show the traceback of an error.", flag_values=values)
+  flags.DEFINE_bool("distributed", False,
+                    "Join a multi-process run (jax.distributed.initialize): found by "
+                    "itself on SLURM, Open MPI and Cloud TPU; elsewhere give the three "
+                    "flags below. Each process reads its own rows of every batch; "
+                    "process 0 writes the report and logs.", flag_values=values)
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0.",
+                      flag_values=values)
+  flags.DEFINE_integer("num_processes", None, "Number of processes.", flag_values=values)
+  flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes-1.",
+                       flag_values=values)
   return values
 
 
@@ -77,6 +87,10 @@ def _parse(argv: list[str]) -> flags.FlagValues:
 
 
 def _run(values: flags.FlagValues) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  if values.distributed:  # before anything asks JAX for its devices
+    jax.distributed.initialize(values.coordinator_address, values.num_processes,
+                               values.process_id)
   from kamal_jax import pipeline, report, train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   if values.compilation_cache:
@@ -87,7 +101,7 @@ def _run(values: flags.FlagValues) -> None:
     result = pipeline.train_and_evaluate(values.config, workdir, stages)
   except (ValueError, pipeline.StageNotReadyError, train.NonFiniteLossError) as error:
     raise BadInput(str(error)) from error
-  if result is not None:
+  if result is not None and jax.process_index() == 0:
     print(report.summary(result))
     print(f"\nReport: {workdir / 'report.md'}")
 

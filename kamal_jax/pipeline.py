@@ -32,6 +32,12 @@ class StageNotReadyError(RuntimeError):
   pass
 
 
+def _primary() -> bool:
+  """Whether this process writes the run's files: only process 0 of a multi-process
+  run does (checkpoints go through orbax, which coordinates the processes)."""
+  return jax.process_index() == 0
+
+
 def enable_compilation_cache(directory: str):
   """Caches compiled programs on disk: a rerun skips most XLA compilation."""
   jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
@@ -579,7 +585,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> R
   domains = data.assign_domains(len(dataset.labels), tuple(config.data.domains), config.seed)
   # The workdir is touched only once the config has passed every check above.
   workdir.mkdir(parents=True, exist_ok=True)
-  files.write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
+  if _primary():
+    files.write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
   return Run(config, workdir, dataset, domains, train_indices, test_indices, plan,
              sources, tuple(stacks), train.MetricLog(workdir), tuple(train_stages), backbone)
 
@@ -602,7 +609,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     out = fn(*args)
     if stage in run.trained:
       timings[stage] = round(time.perf_counter() - start, 2)
-      files.write_atomic(timings_path, json.dumps(timings, indent=2))
+      if _primary():
+        files.write_atomic(timings_path, json.dumps(timings, indent=2))
     return out
 
   last = max(STAGES.index(s) for s in stages)
@@ -625,5 +633,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     run.log.close()
   result["pipeline"] = config.pipeline
   result["timings"] = timings
-  report.write(result, workdir)
+  if _primary():
+    report.write(result, workdir)
   return result

@@ -29,3 +29,11 @@ def tiny(data_dir):
   """The shrunk digits default (tests/tiny_config.py)."""
   import tiny_config
   return tiny_config.get_config(data_dir)
+
+
+@pytest.fixture(scope="session")
+def finished(tiny, tmp_path_factory):
+  """The shrunk default run to the end, uninterrupted: (workdir, report)."""
+  from kamal_jax import pipeline  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("run")
+  return workdir, pipeline.train_and_evaluate(tiny, str(workdir))

@@ -18,12 +18,6 @@ def _numbers(result: dict) -> dict:
   return {k: v for k, v in result.items() if k != "timings"}
 
 
-@pytest.fixture(scope="module")
-def finished(tiny, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("run")
-  return workdir, pipeline.train_and_evaluate(tiny, str(workdir))
-
-
 def test_report_has_the_documented_keys(finished):
   workdir, result = finished
   on_disk = json.loads((workdir / "report.json").read_text())

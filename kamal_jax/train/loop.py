@@ -14,6 +14,7 @@ from typing import Callable, Hashable, Mapping, Sequence
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 import tqdm
 from absl import logging
 from tensorboardX import SummaryWriter
@@ -84,21 +85,32 @@ def _latest_good(manager: ocp.CheckpointManager) -> int:
   newer ones are moved aside to DIRECTORY.damaged/STEP, reported in one line each,
   so the run goes on from the previous good one and never saves over them."""
   directory = Path(manager.directory)
-  good = 0
+  damaged, good = [], 0
   for step in sorted(manager.all_steps(), reverse=True):
     reason = _damage(directory / str(step))
     if reason is None:
       good = step
       break
-    aside = directory.with_name(f"{directory.name}.damaged") / str(step)
-    if jax.process_index() == 0:
-      aside.parent.mkdir(exist_ok=True)
-      shutil.rmtree(aside, ignore_errors=True)
-      shutil.move(directory / str(step), aside)
-    logging.warning("Checkpoint %s is damaged (%s): moved to %s; going on from the "
-                    "one before.", directory / str(step), reason, aside)
+    damaged.append((step, reason))
+  if damaged:
+    _sync("checked checkpoints")  # every process has read them before any moves
+    for step, reason in damaged:
+      aside = directory.with_name(f"{directory.name}.damaged") / str(step)
+      if jax.process_index() == 0:
+        aside.parent.mkdir(exist_ok=True)
+        shutil.rmtree(aside, ignore_errors=True)
+        shutil.move(directory / str(step), aside)
+        logging.warning("Checkpoint %s is damaged (%s): moved to %s; going on from the "
+                        "one before.", directory / str(step), reason, aside)
+    _sync("moved damaged checkpoints")
     manager.reload()
   return good
+
+
+def _sync(name: str):
+  """A barrier across the processes of a multi-process run (nothing in one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def _on_first_device(abstract):
@@ -142,13 +154,14 @@ class MetricLog:
   """
 
   def __init__(self, workdir: Path):
-    self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+    self.primary = jax.process_index() == 0  # the only process that writes
+    self.tensorboard = SummaryWriter(str(workdir / "tensorboard")) if self.primary else None
     self.path = workdir / "metrics.jsonl"
 
   def resume(self, stage: str, step: int):
     """Drops the stage's records after `step` (logged by a run killed before its next
     checkpoint), which the resumed run logs again."""
-    if not self.path.exists():
+    if not self.primary or not self.path.exists():
       return
     lines = self.path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if _kept(line, stage, step)]
@@ -156,6 +169,8 @@ class MetricLog:
       files.write_atomic(self.path, "".join(kept))
 
   def write(self, stage: str, step: int, means: dict, labels: Mapping[str, Sequence[str]]):
+    if not self.primary:
+      return
     record = {"stage": stage, "step": step}
     for key, value in means.items():
       if np.ndim(value) == 0:
@@ -169,7 +184,8 @@ class MetricLog:
       f.write(json.dumps(record) + "\n")
 
   def close(self):
-    self.tensorboard.close()
+    if self.primary:
+      self.tensorboard.close()
 
 
 def _log(log: MetricLog, name: str, step: int, history: list, labels):
@@ -218,6 +234,7 @@ def fit(name: str, directory: Path, make_state: Callable[[], TrainState],
     frozen = replicate(frozen)
     history = []
     bar = tqdm.trange(start, schedule.num_steps, desc=name, initial=start,
+                      disable=jax.process_index() != 0,
                       total=schedule.num_steps)
     for step in bar:
       state, metrics = step_fn(state, frozen, batch_fn(step))
