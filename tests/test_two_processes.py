@@ -5,9 +5,10 @@ the same global batches, so the same report; only process 0 writes run files.
 Not bit for bit: the cross-device means (gradients, batch-norm statistics) sum in
 another order over two processes (gloo) than within one, which moves the first
 step's losses by ~1e-6 relative; over training that flips the selection of a few
-images between teachers of near-equal ambiguity (and a stage-1 loss by ~0.2%). So
-counts, structure and every logged step must match exactly, and every accuracy,
-fraction and logged metric within 2%.
+images between teachers of near-equal ambiguity. On these tiny batches a flip moves
+a logged stage-1 or stage-2 metric a lot (a gradient norm by 25%), so those are
+compared by the steps logged; the teachers' metrics (no selection) within 1e-3, and
+the report's counts exactly and its accuracies and fractions within 0.02.
 
 The default suite runs the teachers and the evaluation (`pipeline=ensemble`: the
 train step, checkpoints and the gathered predictions); `pytest -m slow` runs every
@@ -61,12 +62,12 @@ def _flat(tree, prefix=""):
   return {prefix: tree}
 
 
-def _assert_close(got: dict, want: dict, atol: float):
+def _assert_close(got: dict, want: dict, rel: float, tolerance: float):
   got, want = _flat(got), _flat(want)
   assert sorted(got) == sorted(want)
   for key, value in want.items():
     if isinstance(value, float):
-      assert got[key] == pytest.approx(value, rel=atol, abs=atol), key
+      assert got[key] == pytest.approx(value, rel=rel, abs=tolerance), key
     else:
       assert got[key] == value, key
 
@@ -74,11 +75,13 @@ def _assert_close(got: dict, want: dict, atol: float):
 def _check_same_run(workdir: Path, reference: Path, stdouts: list[str]):
   report = lambda w: {k: v for k, v in json.loads((w / "report.json").read_text()).items()
                       if k != "timings"}
-  _assert_close(report(workdir), report(reference), atol=0.02)
+  _assert_close(report(workdir), report(reference), rel=0.02, tolerance=0.02)
   logged = lambda w: [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
   assert len(logged(workdir)) == len(logged(reference))  # written once, by process 0
   for got, want in zip(logged(workdir), logged(reference)):
-    _assert_close(got, want, atol=0.02)
+    assert (got["stage"], got["step"]) == (want["stage"], want["step"])
+    if got["stage"].startswith("teachers"):  # no selection: only rounding apart
+      _assert_close(got, want, rel=1e-3, tolerance=1e-3)
   assert len(list((workdir / "tensorboard").iterdir())) == 1
   assert "joint accuracy" in stdouts[0] and "joint accuracy" not in stdouts[1]
 
