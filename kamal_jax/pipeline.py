@@ -411,21 +411,26 @@ def evaluate_all(run: Run, pool: list[teachers.TeacherStack], components, studen
 def validate(config: ml_collections.ConfigDict):
   """Checks what can be checked before any data is read, naming the fix."""
   devices = jax.device_count()
-  sizes = {f"{stage}.batch_size": config[stage].batch_size
-           for stage in ("teacher_training", "stage1", "stage2")}
-  for name, size in dict(sizes, eval_batch_size=config.eval_batch_size).items():
-    if size <= 0 or size % devices:
-      raise ValueError(f"{name}={size} does not split over {devices} devices: use a "
-                       f"positive multiple of {devices}.")
-  counts = {f"{stage}.steps": config[stage].steps
-            for stage in ("teacher_training", "stage1", "stage2")}
-  for name, count in dict(counts, log_every=config.log_every).items():
-    if count <= 0:
-      raise ValueError(f"{name}={count}: give a positive number.")
   widths = tuple(config.stage1.bridge_widths)
   if not widths or not all(isinstance(w, int) and w > 0 for w in widths):
     raise ValueError(f"stage1.bridge_widths={widths}: give one positive integer per "
                      "feature tap.")
+  batch_sizes = {"eval_batch_size": config.eval_batch_size}
+  counts = {"log_every": config.log_every}
+  for stage in ("teacher_training", "stage1", "stage2"):
+    batch_sizes[f"{stage}.batch_size"] = config[stage].batch_size
+    counts[f"{stage}.steps"] = config[stage].steps
+    rates = config[stage].optimizer.get("tap_learning_rates", ())
+    if len(rates) not in (0, len(widths)):
+      raise ValueError(f"{stage}.optimizer.tap_learning_rates has {len(rates)} rates for "
+                       f"{len(widths)} feature taps: give one per tap, or none.")
+  for name, size in batch_sizes.items():
+    if size <= 0 or size % devices:
+      raise ValueError(f"{name}={size} does not split over {devices} devices: use a "
+                       f"positive multiple of {devices}.")
+  for name, count in counts.items():
+    if count <= 0:
+      raise ValueError(f"{name}={count}: give a positive number.")
   choices = {"pipeline": (config.pipeline, PIPELINES),
              "data.pool": (config.data.pool, ("all", "reference")),
              "stage1.selection": (config.stage1.selection, tuple(ambiguity.RULES)),
@@ -434,12 +439,6 @@ def validate(config: ml_collections.ConfigDict):
     if value not in allowed:
       raise ValueError(f"{name}={value!r}: use one of {list(allowed)}.")
   ambiguity.get(config.stage1.ambiguity)
-  taps = len(config.stage1.bridge_widths)
-  for stage in ("teacher_training", "stage1", "stage2"):
-    rates = config[stage].optimizer.get("tap_learning_rates", ())
-    if len(rates) not in (0, taps):
-      raise ValueError(f"{stage}.optimizer.tap_learning_rates has {len(rates)} rates for "
-                       f"{taps} feature taps: give one per tap, or none.")
   if len(config.data.mean) != len(config.data.std) or min(config.data.std, default=1) <= 0:
     raise ValueError(f"data.mean {tuple(config.data.mean)} and data.std "
                      f"{tuple(config.data.std)}: give one of each per channel, std > 0.")
