@@ -21,8 +21,8 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from kamal_jax import (ambiguity, amalgamate, data, evaluate, files, models, report, tasks,
-                       teachers, train)
+from kamal_jax import (ambiguity, amalgamate, compilation, data, evaluate, files, models,
+                       report, tasks, teachers, train)
 
 STAGES = ("teachers", "stage1", "stage2", "evaluate")
 PIPELINES = ("two_stage", "single_stage", "ensemble", "supervised")
@@ -595,21 +595,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Runs the given stages (all by default) and returns the report if evaluated.
 
   timings.json keeps, per stage, the seconds of the invocation that trained it to
-  the end (a stage restored from its checkpoints keeps its earlier time).
+  the end (a stage restored from its checkpoints keeps its earlier time), and
+  compilation.json what that invocation compiled in the stage (`compilation.since`).
   """
+  compilation.listen()
   workdir = Path(workdir)
   run = prepare(config, workdir, stages)
   run.trained.add("evaluate")  # never checkpointed: always computed anew
-  timings_path = workdir / "timings.json"
-  timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+  records = {name: workdir / f"{name}.json" for name in ("timings", "compilation")}
+  timings, compiled = ({} if not path.exists() else json.loads(path.read_text())
+                       for path in records.values())
 
   def timed(stage, fn, *args):
-    start = time.perf_counter()
+    start, before = time.perf_counter(), compilation.totals()
     out = fn(*args)
     if stage in run.trained:
       timings[stage] = round(time.perf_counter() - start, 2)
+      compiled[stage] = compilation.since(before)
       if _primary():
-        files.write_atomic(timings_path, json.dumps(timings, indent=2))
+        for path, record in zip(records.values(), (timings, compiled)):
+          files.write_atomic(path, json.dumps(record, indent=2))
     return out
 
   last = max(STAGES.index(s) for s in stages)

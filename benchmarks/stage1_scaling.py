@@ -1,0 +1,63 @@
+"""What a stage-1 step costs per teacher, and what selecting costs.
+
+  python benchmarks/stage1_scaling.py --size=digits --record
+
+Table 1: the kamal_jax stage-1 step for K = 1, 2, 4, 8 teachers in the group, beside
+one teacher's eval-mode forward; the slope (least-squares seconds per added teacher)
+in units of that forward. Each added teacher costs its forward plus its two bridge
+sets (forward and backward on the network's side), so the slope is a little above 1.
+Table 2: the step with the method's selection ('least') and with a plain average
+over the teachers ('none'), alternating; the difference in percent of the step.
+"""
+import numpy as np
+from absl import app, flags
+
+import side_by_side as sbs
+from kamal_jax import report
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("size", "digits", list(sbs.SIZES), "Nets and batch.")
+flags.DEFINE_list("ks", ["1", "2", "4", "8"], "Teachers per group.")
+flags.DEFINE_integer("selection_k", 4, "Teachers in the selection on/off comparison.")
+flags.DEFINE_integer("rounds", 5, "Alternating rounds.")
+flags.DEFINE_integer("calls", 5, "Calls per program per round.")
+flags.DEFINE_bool("record", False, "Also write the tables into benchmarks/RESULTS.md.")
+
+
+def main(argv):
+  del argv
+  sbs.setup()
+  size = sbs.SIZES[FLAGS.size]
+  ks = [int(k) for k in FLAGS.ks]
+  problems = {k: sbs.stage1(size, k) for k in ks}
+  runs = {f"K={k}": sbs.steps(problem)["jax"] for k, problem in problems.items()}
+  runs["forward"] = sbs.jax_forward(problems[ks[0]])
+  runs["torch forward"] = sbs.torch_forward(problems[ks[0]])
+  times = sbs.alternate(runs, FLAGS.rounds, FLAGS.calls)
+  step_times = [times[f"K={k}"] for k in ks]
+  slope = np.polyfit(ks, step_times, 1)[0]
+  forward = times["forward"]
+  rows = [[k, f"{1e3 * t:.1f}", f"{t / forward:.1f}"] for k, t in zip(ks, step_times)]
+  scaling = report.table(["K", "step ms", "step / forward"], rows)
+
+  k = FLAGS.selection_k
+  problem = sbs.stage1(size, k)
+  selection = sbs.alternate({rule: sbs.steps(problem, rule)["jax"] for rule in ("least", "none")},
+                            FLAGS.rounds, FLAGS.calls)
+  overhead = (selection["least"] - selection["none"]) / selection["least"]
+  text = (f"### Stage-1 step: scaling in K, selection overhead ({FLAGS.size})\n\n{sbs.header()}\n\n"
+          f"`python benchmarks/stage1_scaling.py --size={FLAGS.size}`, batch {size.batch}, "
+          f"medians of {FLAGS.rounds} x {FLAGS.calls} calls, alternating.\n\n{scaling}\n\n"
+          f"One teacher forward: {1e3 * forward:.2f} ms (PyTorch: {1e3 * times['torch forward']:.2f} ms). "
+          f"Slope: **{1e3 * slope:.2f} ms per added teacher = {slope / forward:.2f} teacher "
+          f"forwards**.\n\n"
+          + report.table(["K", "selection ('least') ms", "plain average ('none') ms", "overhead"],
+                         [[k, f"{1e3 * selection['least']:.2f}", f"{1e3 * selection['none']:.2f}",
+                           f"{100 * overhead:+.1f}%"]]))
+  print("\n" + text)
+  if FLAGS.record:
+    sbs.record(sbs.RESULTS, f"stage1_scaling_{FLAGS.size}", text)
+
+
+if __name__ == "__main__":
+  app.run(main)
