@@ -142,3 +142,29 @@ def test_with_backbone_copies_all_but_the_head_into_every_stacked_network():
   del other["params"]["stem_conv"]
   with pytest.raises(ValueError, match="stem_conv/kernel.*architecture"):
     models.with_backbone(tree(2, 5, 0.0), other)
+
+
+@pytest.mark.parametrize("shape, kernel, stride", [
+    ((2, 2, 2, 6), 3, 1),  # 2x2 out: a product on CPU
+    ((2, 3, 3, 4), 3, 2),  # 2x2 out from an odd size
+    ((2, 1, 1, 5), 3, 1),  # 1x1 out: only the kernel's centre sees the image
+    ((2, 2, 2, 3), 1, 2),  # a strided 1x1 shortcut
+    ((2, 8, 8, 3), 3, 1),  # 8x8 out: left to XLA's convolution
+])
+def test_convolution_as_a_product_equals_xla_convolution_and_its_gradients(shape, kernel, stride):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=shape).astype(np.float32)
+  w = rng.normal(size=(kernel, kernel, shape[-1], 7)).astype(np.float32)
+  padding = ((kernel // 2,) * 2,) * 2
+  numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  ours = lambda x, w: models.conv.conv_general_dilated(
+      x, w, (stride, stride), padding, dimension_numbers=numbers)
+  xla = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (stride, stride), padding, dimension_numbers=numbers)
+  np.testing.assert_allclose(ours(x, w), xla(x, w), rtol=1e-5, atol=1e-5)
+  square = lambda f: jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=(0, 1))
+  for a, b in zip(square(ours)(x, w), square(xla)(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  product = jax.make_jaxpr(ours)(x, w)
+  uses_xla = "conv_general_dilated" in str(product)
+  assert uses_xla == (shape[1] == 8), product

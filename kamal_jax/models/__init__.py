@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from kamal_jax.models import conv
 from kamal_jax.models.bridges import Bridges
 from kamal_jax.models.resnet import Outputs, ResNet
 
@@ -67,4 +68,4 @@ def with_backbone(variables: dict, backbone: dict) -> dict:
   return traverse_util.unflatten_dict(flat)
 
 
-__all__ = ["ARCHS", "Arch", "Bridges", "Outputs", "ResNet", "create", "with_backbone"]
+__all__ = ["ARCHS", "Arch", "Bridges", "Outputs", "ResNet", "conv", "create", "with_backbone"]

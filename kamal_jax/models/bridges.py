@@ -8,6 +8,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kamal_jax.models import conv
+
 
 class Bridges(nn.Module):
   widths: Sequence[int]  # output channels per tap
@@ -17,5 +19,6 @@ class Bridges(nn.Module):
     if len(feats) != len(self.widths):
       raise ValueError(f"Bridges for {len(self.widths)} taps got {len(feats)} feature maps.")
     return tuple(
-        nn.Conv(width, (1, 1), use_bias=False, name=f"tap{l}")(f)
+        nn.Conv(width, (1, 1), use_bias=False, name=f"tap{l}",
+                conv_general_dilated=conv.conv_general_dilated)(f)
         for l, (width, f) in enumerate(zip(self.widths, feats)))

@@ -10,6 +10,8 @@ from typing import NamedTuple, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kamal_jax.models import conv
+
 
 class Outputs(NamedTuple):
   logits: jnp.ndarray  # [B, C]
@@ -19,7 +21,8 @@ class Outputs(NamedTuple):
 def _conv(width: int, kernel: int, stride: int, dtype, name: str) -> nn.Conv:
   """A bias-free convolution padded like torchvision's (kernel // 2 on each side)."""
   return nn.Conv(width, (kernel, kernel), (stride, stride), padding=kernel // 2,
-                 use_bias=False, dtype=dtype, name=name)
+                 use_bias=False, dtype=dtype, name=name,
+                 conv_general_dilated=conv.conv_general_dilated)
 
 
 class Block(nn.Module):
