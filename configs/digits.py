@@ -95,6 +95,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       steps=400, batch_size=64, optimizer=optimizer(1e-3, bridge_learning_rate=2e-3)))
 
   c.eval_batch_size = 512
+  # Where every epoch shows the same images (no augmentation), the frozen networks'
+  # outputs (the teachers' in stage 1, the components' in stage 2) are computed once
+  # per image and kept, if they fit in this many MB a stage; 0: they run every step.
+  c.frozen_output_cache_mb = 1024
   c.log_every = 50
   c.checkpoint_every = 100
 

@@ -90,13 +90,17 @@ def _resized(feats: tuple, like: tuple) -> tuple:
   return tuple(one(f, r) for f, r in zip(feats, like))
 
 
-def _frozen_targets(spec: Amalgamation, g: int, params, frozen, x, feats):
+def _frozen_targets(spec: Amalgamation, g: int, params, frozen, x, feats, outputs):
   """The group's frozen networks on x, stack by stack, joined along K: restricted
   logits [K, B, P], feature targets ([K, B, H, W, c] per tap, at the network's tap
-  sizes) and the weight-norm penalty of the frozen-side bridges."""
+  sizes) and the weight-norm penalty of the frozen-side bridges. `outputs`: the
+  stacks' outputs on x computed beforehand ([B, K_s, ...]), or None to run them."""
   logits, targets, weight_norm = [], [], jnp.zeros(())
   for s, (module, stack) in enumerate(zip(spec.frozen_nets[g], frozen["stacks"])):
-    out = jax.lax.stop_gradient(stacked_apply(module, stack["nets"], x))
+    if outputs is None:
+      out = jax.lax.stop_gradient(stacked_apply(module, stack["nets"], x))
+    else:
+      out = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), outputs[s])
     logits.append(jnp.take_along_axis(out.logits, stack["index"][:, None, :], axis=-1))
     if spec.frozen_bridges:
       bridges = params["frozen_bridges"][s]
@@ -110,10 +114,11 @@ def _frozen_targets(spec: Amalgamation, g: int, params, frozen, x, feats):
 
 
 def _group_loss(spec: Amalgamation, g: int, params, frozen, x, logits, feats, key,
-                labels):
+                labels, outputs):
   """Group g's term: logits [B, P] and feats of the network; labels [B] (positions
-  in the part, -1 outside it) only for the oracle rule. Returns (loss, metrics)."""
-  target, targets, weight_norm = _frozen_targets(spec, g, params, frozen, x, feats)
+  in the part, -1 outside it) only for the oracle rule; outputs: see
+  `_frozen_targets`. Returns (loss, metrics)."""
+  target, targets, weight_norm = _frozen_targets(spec, g, params, frozen, x, feats, outputs)
   amb = ambiguity.get(spec.ambiguity)(target)  # [K, B]
   correct = None if labels is None else jnp.argmax(target, axis=-1) == labels[None]  # [K, B]
   weights = ambiguity.weights(spec.selection, amb, key=key, correct=correct,
@@ -143,7 +148,9 @@ def amalgamation_loss(spec: Amalgamation, params, batch_stats, frozen, batch):
   'index': [K_s, P] logit positions of the part in each network}, one per stack]}}}.
   batch: {'image': [B, H, W, C]}, plus 'key' (raw PRNG key data) for the random
   rule and 'label' ([B, G]: each image's position in head g's part, -1 outside it)
-  for the oracle rule; no other stage-1 or stage-2 batch carries labels.
+  for the oracle rule (no other stage-1 or stage-2 batch carries labels); plus
+  'frozen' where the frozen networks' outputs on these images were computed before
+  the stage ({str(g): [Outputs [B, K_s, ...] per stack]}): then they do not run.
   """
   x = batch["image"]
   net, batch_stats = _train_apply(spec.net, params["net"], batch_stats, x)
@@ -155,7 +162,8 @@ def amalgamation_loss(spec: Amalgamation, params, batch_stats, frozen, batch):
         spec, g, params["groups"][str(g)], frozen["groups"][str(g)], x,
         net.logits[:, start:stop], net.feats,
         None if key is None else jax.random.fold_in(key, g),
-        batch["label"][:, g] if "label" in batch else None)
+        batch["label"][:, g] if "label" in batch else None,
+        batch["frozen"][str(g)] if "frozen" in batch else None)
     total = total + loss
     metrics.update({f"{g}/{name}": value for name, value in group_metrics.items()})
   return total, (metrics, batch_stats)

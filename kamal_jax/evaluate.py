@@ -8,6 +8,7 @@ from typing import Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -16,33 +17,37 @@ from kamal_jax.teachers import stacked_apply
 from kamal_jax.train.step import AXIS, replicate
 
 
-def _logits(module: nn.Module, stacked: bool, variables, x):
+def _outputs(module: nn.Module, stacked: bool, feats: bool, variables, x):
+  """Eval-mode logits [B, C] ([B, K, C] for stacked networks), or with `feats` the
+  Outputs, every array batch first."""
   if stacked:
-    return stacked_apply(module, variables, x).logits.transpose(1, 0, 2)  # [B, K, C]
-  return module.apply(variables, x, train=False).logits  # [B, C]
+    outputs = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), stacked_apply(module, variables, x))
+  else:
+    outputs = module.apply(variables, x, train=False)
+  return outputs if feats else outputs.logits
 
 
 @functools.cache
-def _predictor(module: nn.Module, stacked: bool):
-  return jax.pmap(functools.partial(_logits, module, stacked), axis_name=AXIS)
+def _predictor(module: nn.Module, stacked: bool, feats: bool):
+  return jax.pmap(functools.partial(_outputs, module, stacked, feats), axis_name=AXIS)
 
 
 def predict(module: nn.Module, variables, read: Callable[[np.ndarray], np.ndarray],
-            count: int, batch_size: int, stacked: bool = False) -> np.ndarray:
-  """Logits [N, C], or [K, N, C] for stacked variables, of the images `read(indices)`
-  gives for indices 0..count-1, in fixed-size batches (the last one padded with
-  repeats) so one compiled program serves every batch. In a multi-process run each
-  process reads its rows of every batch and all get every logit."""
+            count: int, batch_size: int, stacked: bool = False, feats: bool = False):
+  """Logits [N, C] ([N, K, C] for stacked variables) of the images `read(indices)`
+  gives for indices 0..count-1, or with `feats` the Outputs (logits and taps, N
+  first), as host arrays. Fixed-size batches (the last one padded with repeats), so
+  one compiled program serves every batch. In a multi-process run each process reads
+  its rows of every batch and all get every output."""
   devices = jax.local_device_count()
-  predictor = _predictor(module, stacked)
+  predictor = _predictor(module, stacked, feats)
   variables = replicate(variables)
   chunks = []
   for start in range(0, count, batch_size):
     indices = np.minimum(np.arange(start, start + batch_size), count - 1)
     local = data.local_rows(indices, jax.process_index(), jax.process_count())
     chunks.append(predictor(variables, data.shard(read(local), devices)))
-  logits = np.concatenate([_gathered(c) for c in chunks])[:count]
-  return logits.transpose(1, 0, 2) if stacked else logits
+  return jax.tree.map(lambda *c: np.concatenate([_gathered(x) for x in c])[:count], *chunks)
 
 
 def _gathered(chunk) -> np.ndarray:

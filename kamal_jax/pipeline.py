@@ -10,6 +10,7 @@ never retrains a finished stage; a later stage restores what the earlier ones le
   supervised    the student trained with labels on the target classes (an upper bound).
 """
 import dataclasses
+import functools
 import json
 import tempfile
 import time
@@ -119,8 +120,8 @@ def _local(picks: np.ndarray) -> np.ndarray:
 def sharded(batch: dict, axis: int = 0) -> dict:
   """Splits the batch axis of every array over the local devices."""
   devices = jax.local_device_count()
-  return {k: np.moveaxis(data.shard(np.moveaxis(v, axis, 0), devices), 1, axis + 1)
-          for k, v in batch.items()}
+  return jax.tree.map(
+      lambda v: np.moveaxis(data.shard(np.moveaxis(v, axis, 0), devices), 1, axis + 1), batch)
 
 
 def _shapes(tree):
@@ -232,17 +233,43 @@ def _amalgamation(run: Run, net, head_sizes, frozen_nets, **overrides) -> amalga
                                  head_sizes=tuple(head_sizes), **dict(settings, **overrides))
 
 
+def _frozen_outputs(run: Run, spec, frozen, indices: np.ndarray) -> dict | None:
+  """The frozen networks' outputs on the images at `indices`, computed once for a
+  stage: {str(g): [Outputs of [N, K_s, ...] host arrays, one per stack]}. Only where
+  every epoch shows the same images (no augmentation) and the outputs fit in
+  config.frozen_output_cache_mb; else None, and each step runs the frozen networks."""
+  stacks = [(str(g), module, stack) for g, modules in enumerate(spec.frozen_nets)
+            for module, stack in zip(modules, frozen["groups"][str(g)]["stacks"])]
+  x = run.images(indices[:1])
+  per_image = sum(a.size * a.dtype.itemsize for _, module, stack in stacks for a in
+                  jax.tree.leaves(jax.eval_shape(
+                      lambda v, m=module: teachers.stacked_apply(m, v, x), stack["nets"])))
+  megabytes = per_image * len(indices) / 2**20
+  if run.dataset.images.augments or megabytes > run.config.frozen_output_cache_mb:
+    return None
+  logging.info("Computing the frozen networks' outputs once: %.0f MB.", megabytes)
+  outputs = {}
+  for g, module, stack in stacks:
+    outputs.setdefault(g, []).append(
+        _predict(run, module, stack["nets"], indices, stacked=True, feats=True))
+  return outputs
+
+
 def _amalgamation_batches(run: Run, spec, indices: np.ndarray, parts, stream: str,
-                          batch_size: int):
-  """batch_fn over the given images: only 'image' reaches the step, plus a PRNG key
-  per device for the random rule and, for the oracle (an upper bound), labels [B, G]:
-  each image's position in each of the network's G parts. Each process reads its
-  own rows of the global batch."""
+                          batch_size: int, frozen_outputs):
+  """batch_fn over the given images: 'image' reaches the step, with 'frozen' (the
+  frozen networks' outputs [B, K_s, ...]) where `frozen_outputs()` has them, a PRNG
+  key per device for the random rule and, for the oracle (an upper bound), labels
+  [B, G]: each image's position in each of the network's G parts. Each process reads
+  its own rows of the global batch."""
 
   def batch_fn(step):
-    picks = _local(indices[data.batch_indices(len(indices), batch_size, run.config.seed,
-                                              stream, step)])
+    positions = _local(data.batch_indices(len(indices), batch_size, run.config.seed,
+                                          stream, step))
+    picks = indices[positions]
     batch = {"image": run.images(picks, stream=stream, step=step)}
+    if frozen_outputs() is not None:
+      batch["frozen"] = jax.tree.map(lambda a: a[positions], frozen_outputs())
     if spec.selection in ambiguity.NEEDS_LABELS:
       batch["label"] = _head_labels(run, picks, parts)
     batch = sharded(batch)
@@ -265,7 +292,9 @@ def _amalgamate(run: Run, name: str, stage: str, spec, frozen, parts, pool, cfg,
     variables = amalgamate.init(spec, run.key(name), shapes, x)
     return train.create_state(variables, cfg.optimizer, cfg.steps)
 
-  batch_fn = _amalgamation_batches(run, spec, pool, parts, name, cfg.batch_size)
+  frozen_outputs = functools.cache(lambda: _frozen_outputs(run, spec, frozen, pool))
+  batch_fn = _amalgamation_batches(run, spec, pool, parts, name, cfg.batch_size,
+                                   frozen_outputs)
   state = run.fit(name, stage, make_state, amalgamate.amalgamation_loss, spec, frozen,
                   batch_fn, cfg, labels, pretrained)
   return _variables(state)
@@ -335,10 +364,11 @@ def _restricted(logits: dict[str, np.ndarray], group: tasks.Group) -> np.ndarray
   return np.stack([logits[t][:, index] for t, index in zip(group.teachers, group.index)])
 
 
-def _predict(run: Run, module, variables, indices: np.ndarray, stacked: bool = False):
-  """Logits of a network (or a stack) on the images at `indices`."""
+def _predict(run: Run, module, variables, indices: np.ndarray, stacked: bool = False,
+             feats: bool = False):
+  """Logits (or Outputs) of a network (or a stack) on the images at `indices`."""
   return evaluate.predict(module, variables, lambda at: run.images(indices[at]),
-                          len(indices), run.config.eval_batch_size, stacked)
+                          len(indices), run.config.eval_batch_size, stacked, feats)
 
 
 def _teacher_logits(run: Run, pool: list[teachers.TeacherStack], indices) -> dict:
@@ -346,8 +376,8 @@ def _teacher_logits(run: Run, pool: list[teachers.TeacherStack], indices) -> dic
   program."""
   logits = {}
   for stack in pool:
-    logits.update(zip(stack.names, _predict(run, stack.module, stack.variables, indices,
-                                            stacked=True)))
+    stacked = _predict(run, stack.module, stack.variables, indices, stacked=True)  # [N, K, C]
+    logits.update(zip(stack.names, np.swapaxes(stacked, 0, 1)))
   return logits
 
 
@@ -431,6 +461,9 @@ def validate(config: ml_collections.ConfigDict):
   for name, count in counts.items():
     if count <= 0:
       raise ValueError(f"{name}={count}: give a positive number.")
+  if config.frozen_output_cache_mb < 0:
+    raise ValueError(f"frozen_output_cache_mb={config.frozen_output_cache_mb}: give a "
+                     "size in MB, or 0 to run the frozen networks in every step.")
   choices = {"pipeline": (config.pipeline, PIPELINES),
              "data.pool": (config.data.pool, ("all", "reference")),
              "stage1.selection": (config.stage1.selection, tuple(ambiguity.RULES)),

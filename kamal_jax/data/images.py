@@ -87,6 +87,8 @@ class ArrayImages:
   """Images in memory, already at the input size: nothing to cut or augment."""
   array: np.ndarray  # [N, S, S, C] float32 in [0, 1]
 
+  augments = False
+
   def __len__(self) -> int:
     return len(self.array)
 
@@ -105,6 +107,11 @@ class EncodedImages:
 
   def __len__(self) -> int:
     return len(self.records)
+
+  @property
+  def augments(self) -> bool:
+    """Whether training reads differ from evaluation reads (and between epochs)."""
+    return self.view.augments
 
   def read(self, indices: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
     """[B, S, S, C]: the evaluation view, or the training view drawn from rng where
