@@ -46,7 +46,8 @@ def main(argv):
                             FLAGS.rounds, FLAGS.calls)
   overhead = (selection["least"] - selection["none"]) / selection["least"]
   text = (f"### Stage-1 step: scaling in K, selection overhead ({FLAGS.size})\n\n{sbs.header()}\n\n"
-          f"`python benchmarks/stage1_scaling.py --size={FLAGS.size}`, batch {size.batch}, "
+          f"`python benchmarks/stage1_scaling.py --size={FLAGS.size} --ks={','.join(FLAGS.ks)}`, "
+          f"batch {size.batch}, "
           f"medians of {FLAGS.rounds} x {FLAGS.calls} calls, alternating.\n\n{scaling}\n\n"
           f"One teacher forward: {1e3 * forward:.2f} ms (PyTorch: {1e3 * times['torch forward']:.2f} ms). "
           f"Slope: **{1e3 * slope:.2f} ms per added teacher = {slope / forward:.2f} teacher "

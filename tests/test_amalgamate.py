@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kamal_jax import amalgamate, models, teachers, train
+from kamal_jax import amalgamate, evaluate, models, teachers, train
 from kamal_jax.train import replicate, unreplicate
 
 BATCH = 16
@@ -50,14 +50,15 @@ def _stage1(tiny, *stacks, **overrides):
   return spec, frozen, _state(spec, frozen, tiny.stage1.optimizer)
 
 
-def _run(step, state, frozen, images, devices, keys=None, **extra):
-  """One step on `devices` with the global batch split over them (`keys`: one raw
-  PRNG key per device)."""
-  batch = {"image": images, **extra}
-  batch = {k: v.reshape((len(devices), -1) + v.shape[1:]) for k, v in batch.items()}
+def _run(step, state, nets, images, devices, keys=None, **extra):
+  """One step on `devices` with the global batch split over them (`nets`: the
+  step's frozen networks; `keys`: one raw PRNG key per device; `extra`: more batch
+  entries, global batch first)."""
+  batch = jax.tree.map(lambda v: v.reshape((len(devices), -1) + v.shape[1:]),
+                       {"image": images, **extra})
   if keys is not None:
     batch["key"] = keys
-  new, metrics = step(replicate(state, devices), replicate(frozen, devices), batch)
+  new, metrics = step(replicate(state, devices), replicate(nets, devices), batch)
   return jax.device_get(unreplicate(new)), jax.device_get(unreplicate(metrics))
 
 
@@ -94,6 +95,25 @@ def test_step_traces_once(stage1):
   for seed in (1, 2):  # new data, same shapes: no new trace (chex raises if there is)
     images = np.random.default_rng(seed).uniform(size=IMAGES.shape).astype(np.float32)
     _run(_step(spec, counted_loss), state, frozen, images, jax.local_devices())
+
+
+def test_outputs_computed_before_the_stage_give_the_same_step(stage1):
+  """Where every epoch shows the same images, the pipeline computes the frozen
+  networks' outputs once (evaluate.predict) and the step reads them from the batch
+  instead of running the networks: same step."""
+  spec, frozen, state = stage1
+  stack = frozen["groups"]["0"]["stacks"][0]
+  outputs = evaluate.predict(spec.frozen_nets[0][0], stack["nets"], lambda at: IMAGES[at],
+                             BATCH, BATCH, stacked=True, feats=True)  # [B, K, ...]
+  devices = jax.local_devices()
+  ran = _run(_step(spec), state, frozen, IMAGES, devices)
+  read = _run(_step(spec), state, frozen, IMAGES, devices, frozen={"0": [outputs]})
+  chex.assert_trees_all_close(read, ran, atol=1e-6, rtol=1e-5)
+  # The step reads them: uniform logits in place of the sure teacher's make both
+  # teachers maximally ambiguous.
+  uniform = outputs._replace(logits=np.zeros_like(outputs.logits))
+  _, metrics = _run(_step(spec), state, frozen, IMAGES, devices, frozen={"0": [uniform]})
+  np.testing.assert_allclose(metrics["0/ambiguity"], [np.log(3)] * 2, rtol=1e-5)
 
 
 def _unchanged(before, after, k):

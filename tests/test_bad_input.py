@@ -96,6 +96,8 @@ CASES = [
     ("batch size not divisible by the devices", "{tiny} --config.stage1.batch_size=12",
      r"stage1.batch_size=12 does not split over 8 devices"),
     ("non-positive step count", "{tiny} --config.stage2.steps=0", r"stage2.steps=0: give a positive"),
+    ("negative cache size", "{tiny} --config.frozen_output_cache_mb=-1",
+     r"frozen_output_cache_mb=-1: give a size in MB, or 0"),
     ("bridge widths that are not integers", "{tiny} --config.stage1.bridge_widths=\"('a',)\"",
      r"stage1.bridge_widths=\('a',\)"),
     ("normalisation with zero std", "{tiny} --config.data.mean=\"(0.5,)\" --config.data.std=\"(0.0,)\"",
