@@ -84,9 +84,7 @@ def main(argv):
   text = (f"### Convolutions: XLA:CPU against one matrix product\n\n{sbs.header()}\n\n"
           f"`python benchmarks/conv_lowering.py`, ms, medians of {FLAGS.rounds} x "
           f"{FLAGS.calls} calls, alternating.\n\n{table}")
-  print("\n" + text)
-  if FLAGS.record:
-    sbs.record(sbs.RESULTS, "conv_lowering", text)
+  sbs.publish("conv_lowering", text, FLAGS.record)
 
 
 if __name__ == "__main__":

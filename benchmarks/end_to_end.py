@@ -100,9 +100,7 @@ def main(argv):
           f"(kamal-jax: timings.json; PyTorch: its own clock) and of the whole command "
           f"(process start to exit, imports and data included).\n\n{speed}\n\n"
           f"What kamal-jax compiled (compilation.json):\n\n{compiles}")
-  print("\n" + text)
-  if FLAGS.record:
-    sbs.record(sbs.RESULTS, "end_to_end", text)
+  sbs.publish("end_to_end", text, FLAGS.record)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import json
 import os
 import tempfile
 import time
-from itertools import cycle
 
 import numpy as np
 import torch

@@ -326,16 +326,19 @@ def header() -> str:
           f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
-def record(path: str, section: str, text: str):
-  """Puts `text` into the markdown file at `path` between the markers of `section`
-  (replacing what a previous run put there, else appending), so each benchmark keeps
-  its own up-to-date block in RESULTS.md."""
+def publish(section: str, text: str, record: bool):
+  """Prints a benchmark's markdown; with `record`, also puts it into RESULTS.md
+  between the markers of `section` (replacing what a previous run put there, else
+  appending), so each benchmark keeps its own up-to-date block."""
+  print("\n" + text)
+  if not record:
+    return
   begin, end = f"<!-- {section} -->", f"<!-- /{section} -->"
-  old = open(path).read() if os.path.exists(path) else ""
+  old = open(RESULTS).read() if os.path.exists(RESULTS) else ""
   block = f"{begin}\n{text.strip()}\n{end}"
   if begin in old and end in old:
     new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
   else:
     new = old.rstrip() + "\n\n" + block + "\n"
-  with open(path, "w") as f:
+  with open(RESULTS, "w") as f:
     f.write(new)

@@ -9,7 +9,6 @@ ratio to the unrolled program.
   python benchmarks/stack_strategy.py --arch=resnet18 --image=112 --batch=32
 """
 import argparse
-import functools
 import time
 
 import jax

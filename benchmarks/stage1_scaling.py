@@ -55,9 +55,7 @@ def main(argv):
           + report.table(["K", "selection ('least') ms", "plain average ('none') ms", "overhead"],
                          [[k, f"{1e3 * selection['least']:.2f}", f"{1e3 * selection['none']:.2f}",
                            f"{100 * overhead:+.1f}%"]]))
-  print("\n" + text)
-  if FLAGS.record:
-    sbs.record(sbs.RESULTS, f"stage1_scaling_{FLAGS.size}", text)
+  sbs.publish(f"stage1_scaling_{FLAGS.size}", text, FLAGS.record)
 
 
 if __name__ == "__main__":

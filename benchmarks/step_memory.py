@@ -63,9 +63,7 @@ def main(argv):
           f"--k={FLAGS.k}`, {FLAGS.steps} steps.\n\n"
           + report.table(["side", "after building GB", "peak while stepping GB",
                           "the steps' share GB"], rows))
-  print("\n" + text)
-  if FLAGS.record:
-    sbs.record(sbs.RESULTS, f"step_memory_{FLAGS.size}", text)
+  sbs.publish(f"step_memory_{FLAGS.size}", text, FLAGS.record)
 
 
 if __name__ == "__main__":

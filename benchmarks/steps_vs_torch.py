@@ -37,9 +37,7 @@ def main(argv):
   text = (f"### Steps against PyTorch\n\n{sbs.header()}\n\n`python benchmarks/steps_vs_torch.py "
           f"--sizes={','.join(FLAGS.sizes)} --ks={','.join(FLAGS.ks)}`, medians of "
           f"{FLAGS.rounds} x {FLAGS.calls} steps per side, alternating.\n\n{table}")
-  print("\n" + text)
-  if FLAGS.record:
-    sbs.record(sbs.RESULTS, "steps_vs_torch", text)
+  sbs.publish("steps_vs_torch", text, FLAGS.record)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import zlib
 from typing import NamedTuple
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from kamal_jax import tasks
 from kamal_jax.data import folder, tfds_images
