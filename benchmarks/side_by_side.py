@@ -106,10 +106,10 @@ def _images(size: Size, seed: int) -> np.ndarray:
 
 # --- kamal_jax ---------------------------------------------------------------------
 
-def _flax(net: TorchResNet) -> tuple:
+def _flax(net: TorchResNet, dtype: str = "float32") -> tuple:
   state = {name: value.detach().numpy() for name, value in net.state_dict().items()
            if not name.endswith("num_batches_tracked")}
-  return torch_resnet.convert(state)
+  return torch_resnet.convert(state, dtype)
 
 
 def _stacked_bridges(bridge_sets) -> dict:
@@ -119,15 +119,15 @@ def _stacked_bridges(bridge_sets) -> dict:
           for l in range(len(bridge_sets[0].taps))}
 
 
-def jax_step(problem: Problem, start: "TorchAmalgamation"):
+def jax_step(problem: Problem, start: "TorchAmalgamation", dtype: str = "float32"):
   """A callable running one kamal_jax train step (pmapped over the local devices, state
-  donated) and returning its metrics, plus the spec it runs. Every trainable starts
-  from `start`'s values (take them before its first step), so both sides compute the
-  same numbers."""
-  module, variables = _flax(problem.net)
+  donated, compute in `dtype`) and returning its metrics, and one returning the step's
+  FLOPs (XLA's cost analysis). Every trainable starts from `start`'s values (take them before its
+  first step), so both sides compute the same numbers."""
+  module, variables = _flax(problem.net, dtype)
   frozen_modules, frozen, groups = [], {"groups": {}}, {}
   for g, (nets, index, group) in enumerate(zip(problem.frozen, problem.index, start.groups)):
-    converted = [_flax(n) for n in nets]
+    converted = [_flax(n, dtype) for n in nets]
     frozen_modules.append((converted[0][0],))
     frozen["groups"][str(g)] = {"stacks": [{
         "nets": teachers.stack_variables([v for _, v in converted]), "index": index}]}
@@ -146,12 +146,18 @@ def jax_step(problem: Problem, start: "TorchAmalgamation"):
   frozen = train.replicate(frozen)
   batch = pipeline.sharded({"image": problem.images})
   step = train.train_step(amalgamate.amalgamation_loss, spec)
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
+                        (state, frozen, batch))
 
   def run():
     nonlocal state
     state, metrics = step(state, frozen, batch)
     return jax.block_until_ready(metrics)
-  return run, spec
+
+  def flops() -> float:
+    cost = step.lower(*shapes).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost).get("flops", float("nan"))
+  return run, flops
 
 
 # --- PyTorch -----------------------------------------------------------------------
