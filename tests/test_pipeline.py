@@ -78,8 +78,10 @@ def test_amalgamation_never_sees_labels(tiny, tmp_path, monkeypatch):
   tiny = tiny.copy_and_resolve_references()
   tiny.data.pool = "reference"
   result = pipeline.train_and_evaluate(tiny, str(tmp_path))
-  assert seen == {"teachers": ["image", "label"], "stage1_part1": ["image"],
-                  "stage1_part2": ["image"], "stage2": ["image"]}
+  # Amalgamation batches hold images and, computed once from them, the frozen
+  # networks' outputs (the digits are not augmented): no labels.
+  assert seen == {"teachers": ["image", "label"], "stage1_part1": ["frozen", "image"],
+                  "stage1_part2": ["frozen", "image"], "stage2": ["frozen", "image"]}
   assert result["components"][0]["selected_fraction"]
 
 
