@@ -126,6 +126,7 @@ PIPELINE_VARIANTS = ["least-entropy", "none", "random", "oracle", "single-stage"
                      "kd-logits", "ensemble", "supervised"]
 
 
+@pytest.mark.slow  # 2.4 min on 2 cores; benchmarks/variants.py runs them all too
 def test_every_pipeline_variant_runs_through_one_pipeline_and_report(tiny, tmp_path):
   """The bench's variants, on two image domains and parts of unequal size."""
   config = tiny.copy_and_resolve_references()
