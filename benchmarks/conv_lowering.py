@@ -48,7 +48,7 @@ def _jax_runs(fn, x, w, stride):
 
 
 def _torch_runs(x, w, stride):
-  x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
+  x = sbs.nchw(x).requires_grad_()
   w = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).requires_grad_()
 
   def forward():

@@ -40,7 +40,7 @@ flags.mark_flag_as_required("out")
 def _batches(images: np.ndarray, labels: np.ndarray | None, batch: int, seed: int):
   """An endless stream of shuffled batches (reshuffled every epoch, last partial
   batch dropped), as a DataLoader gives them."""
-  tensors = [torch.from_numpy(images.transpose(0, 3, 1, 2).copy())]
+  tensors = [sbs.nchw(images)]
   if labels is not None:
     tensors.append(torch.from_numpy(labels).long())
   loader = DataLoader(TensorDataset(*tensors), batch_size=batch, shuffle=True,
@@ -61,7 +61,7 @@ def _optimizer(params, cfg, steps: int):
 def _logits(net: nn.Module, images: np.ndarray, batch: int = 512) -> np.ndarray:
   net.eval()
   with torch.no_grad():
-    return np.concatenate([net(torch.from_numpy(images[i:i + batch].transpose(0, 3, 1, 2).copy()))[0].numpy()
+    return np.concatenate([net(sbs.nchw(images[i:i + batch]))[0].numpy()
                            for i in range(0, len(images), batch)])
 
 

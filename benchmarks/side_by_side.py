@@ -162,6 +162,11 @@ def jax_step(problem: Problem, start: "TorchAmalgamation", dtype: str = "float32
 
 # --- PyTorch -----------------------------------------------------------------------
 
+def nchw(images: np.ndarray) -> torch.Tensor:
+  """NHWC images (kamal_jax's layout) as a PyTorch NCHW tensor."""
+  return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
 class Bridges(nn.Module):
   """One bias-free 1x1 convolution per feature tap."""
 
@@ -274,13 +279,13 @@ def steps(problem: Problem, selection: str = "least") -> dict:
   """{'jax', 'torch'}: callables running one step of each side on the problem's batch
   (returning its loss terms), from the same initial values."""
   amalgamation = TorchAmalgamation(problem, selection)
-  x = torch.from_numpy(problem.images.transpose(0, 3, 1, 2).copy())
+  x = nchw(problem.images)
   return {"jax": jax_step(problem, amalgamation)[0], "torch": lambda: amalgamation.step(x)}
 
 
 def torch_forward(problem: Problem):
   """One eval-mode forward of the first frozen network (no gradients)."""
-  net, x = problem.frozen[0][0], torch.from_numpy(problem.images.transpose(0, 3, 1, 2).copy())
+  net, x = problem.frozen[0][0], nchw(problem.images)
 
   def run():
     with torch.no_grad():
