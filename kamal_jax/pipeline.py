@@ -98,7 +98,8 @@ class Run:
     """Trains (or restores) a stage; `pretrained`: its network starts from the
     backbone of config.models.pretrained, where that names one."""
     directory = self.workdir / "checkpoints" / name
-    state = train.restore_finished(directory, make_state, cfg.steps)
+    key = self.key(name)
+    state = train.restore_finished(directory, make_state, key, cfg.steps)
     if state is not None:
       return state
     if stage not in self.train_stages:
@@ -108,7 +109,7 @@ class Run:
     self.trained.add(stage)
     schedule = train.Schedule(cfg.steps, self.config.log_every, self.config.checkpoint_every)
     warm_start = self.warm_start if pretrained and self.backbone is not None else None
-    return train.fit(name, directory, make_state, loss_fn, spec, frozen, batch_fn,
+    return train.fit(name, directory, make_state, key, loss_fn, spec, frozen, batch_fn,
                      schedule, self.log, labels, warm_start)
 
 
@@ -187,8 +188,8 @@ def train_supervised(run: Run, name: str, stage: str, module, spaces: dict,
                            for n, p in zip(names, picks)]),
     }, axis=1)
 
-  def make_state():
-    keys = jax.random.split(run.key(name), len(names))
+  def make_state(key):
+    keys = jax.random.split(key, len(names))
     variables = jax.vmap(lambda k: module.init(k, x, train=False))(keys)
     return train.create_state({"params": {"net": variables["params"]},
                                "batch_stats": variables["batch_stats"]}, cfg.optimizer, cfg.steps)
@@ -288,8 +289,8 @@ def _amalgamate(run: Run, name: str, stage: str, spec, frozen, parts, pool, cfg,
   x = run.images(np.arange(1))
   shapes = _shapes(frozen)
 
-  def make_state():
-    variables = amalgamate.init(spec, run.key(name), shapes, x)
+  def make_state(key):
+    variables = amalgamate.init(spec, key, shapes, x)
     return train.create_state(variables, cfg.optimizer, cfg.steps)
 
   frozen_outputs = functools.cache(lambda: _frozen_outputs(run, spec, frozen, pool))

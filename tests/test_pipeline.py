@@ -70,9 +70,10 @@ def test_amalgamation_never_sees_labels(tiny, tmp_path, monkeypatch):
   seen = {}
   fit = train.fit
 
-  def spy(name, directory, make_state, loss_fn, spec, frozen, batch_fn, *args, **kwargs):
+  def spy(name, directory, make_state, key, loss_fn, spec, frozen, batch_fn, *args, **kwargs):
     seen[name] = sorted(batch_fn(0))
-    return fit(name, directory, make_state, loss_fn, spec, frozen, batch_fn, *args, **kwargs)
+    return fit(name, directory, make_state, key, loss_fn, spec, frozen, batch_fn, *args,
+               **kwargs)
 
   monkeypatch.setattr(train, "fit", spy)
   tiny = tiny.copy_and_resolve_references()

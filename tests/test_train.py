@@ -10,6 +10,7 @@ import pytest
 from kamal_jax import models, teachers, train
 
 K, BATCH = 4, 16  # the shapes of the shrunk pipeline's teacher stage
+KEY = jax.random.key(0, impl="rbg")
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +27,8 @@ def setup(tiny):
     return {k: np.moveaxis(v.reshape((K, devices, -1) + v.shape[2:]), 1, 0)
             for k, v in batch.items()}
 
-  def make_state():
-    keys = jax.random.split(jax.random.key(0, impl="rbg"), K)
+  def make_state(key):
+    keys = jax.random.split(key, K)
     variables = jax.vmap(lambda k: module.init(k, images[:1], train=False))(keys)
     return train.create_state({"params": {"net": variables["params"]},
                                "batch_stats": variables["batch_stats"]},
@@ -41,7 +42,7 @@ def _fit(setup, directory, batch_fn=None, steps=6):
   directory.mkdir(parents=True, exist_ok=True)
   log = train.MetricLog(directory)
   try:
-    return train.fit("teachers", directory / "ckpt", make_state, teachers.supervised_loss,
+    return train.fit("teachers", directory / "ckpt", make_state, KEY, teachers.supervised_loss,
                      spec, None, batch_fn or default_batch_fn,
                      train.Schedule(steps, log_every=1, checkpoint_every=2), log,
                      labels={"": ("a", "b", "c", "d")})
@@ -103,14 +104,14 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_before_it(
 
 def test_finished_stage_is_restored_not_retrained(setup, tmp_path):
   _, _, make_state = setup
-  assert train.restore_finished(tmp_path / "ckpt", make_state, 6) is None
+  assert train.restore_finished(tmp_path / "ckpt", make_state, KEY, 6) is None
   trained = _fit(setup, tmp_path)
 
   def no_more_steps(step):
     raise AssertionError(f"step {step} ran again")
 
   again = _fit(setup, tmp_path, no_more_steps)
-  restored = train.restore_finished(tmp_path / "ckpt", make_state, 6)
+  restored = train.restore_finished(tmp_path / "ckpt", make_state, KEY, 6)
   for a, b, c in zip(jax.tree.leaves(trained.params), jax.tree.leaves(again.params),
                      jax.tree.leaves(restored.params)):
     np.testing.assert_array_equal(a, b)

@@ -120,19 +120,19 @@ def _on_first_device(abstract):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
 
 
-def _restore(manager: ocp.CheckpointManager, step: int, make_state) -> TrainState:
-  abstract = _on_first_device(jax.eval_shape(make_state))
+def _restore(manager: ocp.CheckpointManager, step: int, make_state, key) -> TrainState:
+  abstract = _on_first_device(jax.eval_shape(make_state, key))
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
-def restore_finished(directory: Path, make_state: Callable[[], TrainState],
+def restore_finished(directory: Path, make_state: Callable[[jax.Array], TrainState], key,
                      num_steps: int) -> TrainState | None:
   """The final state of a finished stage, or None if the stage has not finished
   (or its final checkpoint is damaged: then it resumes from the one before)."""
   with _manager(directory) as manager:
     if _latest_good(manager) != num_steps:
       return None
-    return _restore(manager, num_steps, make_state)
+    return _restore(manager, num_steps, make_state, key)
 
 
 def _kept(line: str, stage: str, step: int) -> bool:
@@ -206,7 +206,7 @@ def _log(log: MetricLog, name: str, step: int, history: list, labels):
   return means
 
 
-def fit(name: str, directory: Path, make_state: Callable[[], TrainState],
+def fit(name: str, directory: Path, make_state: Callable[[jax.Array], TrainState], key,
         loss_fn: Callable, spec: Hashable, frozen, batch_fn: Callable[[int], dict],
         schedule: Schedule, log: MetricLog, labels: Mapping[str, Sequence[str]],
         warm_start: Callable[[TrainState], TrainState] | None = None) -> TrainState:
@@ -215,16 +215,17 @@ def fit(name: str, directory: Path, make_state: Callable[[], TrainState],
   Resumes from the latest checkpoint in `directory`; `batch_fn(step)` must be a pure
   function of the step (sharded for the local devices), so a resumed run sees the
   same batches as an uninterrupted one. `labels` names the entries of vector metrics
-  (see MetricLog). A fresh stage starts from `make_state()`, passed through
+  (see MetricLog). A fresh stage starts from `make_state(key)`, passed through
   `warm_start` where given (pretrained weights: host arrays, kept out of the jitted
-  init, which would embed them as constants).
+  init, which would embed them as constants). The key is an argument of the init
+  program, not a constant in it, so stages of equal shapes share one program.
   """
   with _manager(directory) as manager:
     start = _latest_good(manager)
     if start:
-      state = _restore(manager, start, make_state)
+      state = _restore(manager, start, make_state, key)
     else:
-      state = jax.jit(make_state)()
+      state = jax.jit(make_state)(key)
       state = warm_start(state) if warm_start else state
     if start == schedule.num_steps:
       return state
