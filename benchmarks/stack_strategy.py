@@ -1,9 +1,9 @@
-"""How to run K stacked networks: vmap, lax.map, or unrolled (kamal_jax's choice).
+"""How to run K stacked networks: vmapped, unrolled, or looped by lax.map.
 
 Times, side by side in one process and alternating, the two programs a stack runs:
 K teachers' eval forward on one shared batch (stage 1), and K networks' training
 step on K batches (the teacher stage). Prints a markdown table of medians and the
-ratio to the unrolled program.
+ratio to the unrolled program. `kamal_jax.teachers.stack_way` picks from these numbers.
 
   python benchmarks/stack_strategy.py                      # digits nets, CPU
   python benchmarks/stack_strategy.py --arch=resnet18 --image=112 --batch=32
@@ -17,17 +17,11 @@ import numpy as np
 import optax
 
 from kamal_jax import models
-from kamal_jax.teachers import map_stacked
-
-STRATEGIES = {
-    "unrolled": lambda fn, *stacked: map_stacked(fn, *stacked),
-    "vmap": lambda fn, *stacked: jax.vmap(fn)(*stacked),
-    "lax.map": lambda fn, *stacked: jax.lax.map(lambda args: fn(*args), stacked),
-}
+from kamal_jax.teachers import WAYS, map_stacked
 
 
-def programs(module, strategy):
-  run = STRATEGIES[strategy]
+def programs(module, way):
+  run = lambda fn, *stacked: map_stacked(fn, *stacked, differentiated=True, way=way)
 
   def forward(variables, x):  # [K] variables, shared x [B, ...] -> logits [K, B, C]
     return run(lambda v: module.apply(v, x).logits, variables)
@@ -70,7 +64,7 @@ def main():
   rng = np.random.default_rng(0)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, arch {args.arch}, "
         f"{args.image}px, batch {args.batch}\n")
-  print("| K | program | strategy | compile s | median ms | / unrolled |")
+  print("| K | program | way | compile s | median ms | / unroll |")
   print("|---|---|---|---|---|---|")
   for k in map(int, args.ks.split(",")):
     x = jnp.asarray(rng.uniform(size=(args.batch, args.image, args.image, args.channels)),
@@ -80,25 +74,25 @@ def main():
     keys = jax.random.split(jax.random.key(0), k)
     variables = jax.jit(jax.vmap(lambda key: module.init(key, x[:1])))(keys)
     compiled, inputs = {}, {}
-    for strategy in STRATEGIES:
-      forward, train = programs(module, strategy)
-      inputs[strategy] = {"forward": (forward, (variables, x)),
-                          "train step": (train, (variables["params"], variables["batch_stats"],
-                                                 xs, ys))}
-      for name, (fn, fn_args) in inputs[strategy].items():
+    for way in WAYS:
+      forward, train = programs(module, way)
+      inputs[way] = {"forward": (forward, (variables, x)),
+                     "train step": (train, (variables["params"], variables["batch_stats"],
+                                            xs, ys))}
+      for name, (fn, fn_args) in inputs[way].items():
         start = time.perf_counter()
         jax.block_until_ready(fn(*fn_args))
-        compiled[strategy, name] = time.perf_counter() - start
+        compiled[way, name] = time.perf_counter() - start
     timings = {key: [] for key in compiled}
-    for _ in range(args.rounds):  # alternate strategies so drift hits all alike
-      for strategy in STRATEGIES:
-        for name, (fn, fn_args) in inputs[strategy].items():
-          timings[strategy, name].append(median_ms(fn, fn_args, args.repeats))
+    for _ in range(args.rounds):  # alternate the ways so drift hits all alike
+      for way in WAYS:
+        for name, (fn, fn_args) in inputs[way].items():
+          timings[way, name].append(median_ms(fn, fn_args, args.repeats))
     for name in ("forward", "train step"):
-      base = np.median(timings["unrolled", name])
-      for strategy in STRATEGIES:
-        ms = np.median(timings[strategy, name])
-        print(f"| {k} | {name} | {strategy} | {compiled[strategy, name]:.1f} | {ms:.2f} | "
+      base = np.median(timings["unroll", name])
+      for way in WAYS:
+        ms = np.median(timings[way, name])
+        print(f"| {k} | {name} | {way} | {compiled[way, name]:.1f} | {ms:.2f} | "
               f"{ms / base:.2f} |")
 
 

@@ -70,8 +70,8 @@ def _bridge(widths, bridge_params, feats, stacked_feats: bool) -> tuple:
   feats [B, ...] go through every set. Returns ([K, B, H, W, c] per tap)."""
   apply = lambda p, f: Bridges(widths).apply({"params": p}, f)
   if stacked_feats:
-    return map_stacked(apply, bridge_params, feats)
-  return map_stacked(lambda p: apply(p, feats), bridge_params)
+    return map_stacked(apply, bridge_params, feats, differentiated=True)
+  return map_stacked(lambda p: apply(p, feats), bridge_params, differentiated=True)
 
 
 def _feature_mse(predicted: tuple, target: tuple) -> jnp.ndarray:

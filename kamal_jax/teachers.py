@@ -104,20 +104,39 @@ def take(stack_variables, indices) -> Any:
   return jax.tree.map(lambda leaf: np.asarray(leaf)[np.asarray(indices)], stack_variables)
 
 
-def map_stacked(fn: Callable, *stacked, vectorize: bool | None = None) -> Any:
-  """`fn` over the K slices of stacked arguments (every leaf [K, ...]), outputs
-  stacked back to [K, ...]: `jax.vmap(fn)` in meaning, whichever way it runs.
+WAYS = ("vmap", "unroll", "loop")
 
-  vectorize=None picks by backend, as measured (benchmarks/stack_strategy.py,
-  RESULTS.md): on GPU, `jax.vmap` ran a K=4 ResNet-18 training step in 0.75x the
-  time of K separate calls; on CPU, XLA lowers vmapped convolutions over stacked
-  weights to grouped ones, whose training steps ran 4-8x slower, so there the K
-  calls are unrolled at trace time. Either way it is one program, compiled once.
+
+def stack_way(differentiated: bool) -> str:
+  """How `map_stacked` runs K networks on this backend, as measured
+  (benchmarks/stack_strategy.py, RESULTS.md).
+
+  On GPU, `jax.vmap` ran a K=4 ResNet-18 training step in 0.75x the time of K
+  separate calls. On CPU, XLA lowers vmapped convolutions over stacked weights to
+  grouped ones, whose training steps ran 4-8x slower; and a convolution's gradient
+  inside a loop ran 10-80x slower than outside. So a CPU unrolls what is
+  differentiated, and loops (`lax.map`) over forward-only stacks: those gave
+  bit-identical outputs as fast as unrolled, from one compiled body whatever K is
+  (a K=4 teacher forward compiled in 1.0 s against 3.0 s unrolled).
   """
-  if vectorize is None:
-    vectorize = jax.default_backend() != "cpu"
-  if vectorize:
+  if jax.default_backend() != "cpu":
+    return "vmap"
+  return "unroll" if differentiated else "loop"
+
+
+def map_stacked(fn: Callable, *stacked, differentiated: bool, way: str | None = None) -> Any:
+  """`fn` over the K slices of stacked arguments (every leaf [K, ...]), outputs
+  stacked back to [K, ...]: `jax.vmap(fn)` in meaning, however it runs.
+
+  `differentiated`: whether gradients flow through `fn` (it picks the way; see
+  `stack_way`). `way` overrides the pick: 'vmap', 'unroll' (K calls at trace time)
+  or 'loop' (`lax.map`). Every way is one program, compiled once.
+  """
+  way = way or stack_way(differentiated)
+  if way == "vmap":
     return jax.vmap(fn)(*stacked)
+  if way == "loop":
+    return jax.lax.map(lambda args: fn(*args), stacked)
   count = jax.tree.leaves(stacked)[0].shape[0]
   outputs = [fn(*jax.tree.map(lambda leaf: leaf[k], stacked)) for k in range(count)]
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
@@ -126,7 +145,8 @@ def map_stacked(fn: Callable, *stacked, vectorize: bool | None = None) -> Any:
 def stacked_apply(module: nn.Module, variables, x: jnp.ndarray) -> Outputs:
   """Eval-mode outputs of K stacked networks on one batch: logits [K, B, C] and
   feats ([K, B, H, W, D] per tap)."""
-  return map_stacked(lambda v: module.apply(v, x, train=False), variables)
+  return map_stacked(lambda v: module.apply(v, x, train=False), variables,
+                     differentiated=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,5 +177,5 @@ def supervised_loss(spec: Supervised, params, batch_stats, frozen, batch):
     return jnp.mean(ce), accuracy, updates["batch_stats"]
 
   ce, accuracy, batch_stats = map_stacked(one, params["net"], batch_stats,
-                                          batch["image"], batch["label"])
+                                          batch["image"], batch["label"], differentiated=True)
   return jnp.sum(ce), ({"cross_entropy": ce, "accuracy": accuracy}, batch_stats)

@@ -97,19 +97,20 @@ def test_teachers_of_one_architecture_stack_along_a_new_axis():
                     teachers.Teacher("b", other, variables, space)])
 
 
-def test_stacked_networks_give_the_same_outputs_unrolled_or_vmapped():
+def test_stacked_networks_give_the_same_outputs_every_way():
   from kamal_jax import teachers
   module = models.create("resnet10_digits", 4, width_scale=0.25)
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 8, 8, 1)), jnp.float32)
   keys = jax.random.split(jax.random.key(0, impl="rbg"), 3)
   variables = jax.jit(jax.vmap(lambda k: module.init(k, x[:1])))(keys)
   apply = lambda v: module.apply(v, x)
-  unrolled = jax.jit(lambda v: teachers.map_stacked(apply, v, vectorize=False))(variables)
-  vmapped = jax.jit(lambda v: teachers.map_stacked(apply, v, vectorize=True))(variables)
-  assert unrolled.logits.shape == (3, 4, 4)
-  for a, b in zip(jax.tree.leaves(unrolled), jax.tree.leaves(vmapped)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(unrolled.logits[1], module.apply(
+  outputs = {way: jax.jit(lambda v, way=way: teachers.map_stacked(
+      apply, v, differentiated=False, way=way))(variables) for way in teachers.WAYS}
+  assert outputs["unroll"].logits.shape == (3, 4, 4)
+  for way in ("vmap", "loop"):
+    for a, b in zip(jax.tree.leaves(outputs["unroll"]), jax.tree.leaves(outputs[way])):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(outputs["unroll"].logits[1], module.apply(
       jax.tree.map(lambda leaf: leaf[1], variables), x).logits, rtol=1e-5, atol=1e-5)
 
 
