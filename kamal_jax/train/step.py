@@ -57,7 +57,8 @@ def replicate(tree, devices=None):
 
 
 def unreplicate(tree):
-  """One device's copy of a pmapped tree, on the host: [devices, ...] -> NumPy [...].
+  """One device's copy of a pmapped tree, as NumPy arrays of its own on the host
+  ([devices, ...] -> [...]): they stay valid after the device buffers are donated.
 
   Reads the first addressable shard, so it also works where other processes hold
   the other devices (flax.jax_utils.unreplicate returns the whole [1, ...] array
@@ -65,5 +66,5 @@ def unreplicate(tree):
   """
   def first(x):
     shard = x.addressable_shards[0].data if isinstance(x, jax.Array) else x
-    return np.asarray(shard)[0]
+    return np.array(np.asarray(shard)[0])
   return jax.tree.map(first, tree)
