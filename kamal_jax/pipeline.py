@@ -94,11 +94,12 @@ class Run:
                          batch_stats=start["batch_stats"])
 
   def fit(self, name: str, stage: str, make_state, loss_fn, spec, frozen, batch_fn,
-          cfg, labels, pretrained: bool = False) -> train.TrainState:
-    """Trains (or restores) a stage; `pretrained`: its network starts from the
-    backbone of config.models.pretrained, where that names one."""
+          cfg, labels, pretrained: bool = False, key=None) -> train.TrainState:
+    """Trains (or restores) a stage from `make_state(key)` (key: by default drawn
+    from the name); `pretrained`: its network starts from the backbone of
+    config.models.pretrained, where that names one."""
     directory = self.workdir / "checkpoints" / name
-    key = self.key(name)
+    key = self.key(name) if key is None else key
     state = train.restore_finished(directory, make_state, key, cfg.steps)
     if state is not None:
       return state
@@ -165,39 +166,62 @@ def _pool(run: Run, classes) -> np.ndarray:
   return run.train_indices[_labels_in(run, run.train_indices, classes) >= 0]
 
 
+def supervised_stages(name: str, names: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
+  """How `train_supervised` splits networks `names` into stages: [(stage name,
+  networks)]. Where stacks of trained networks run vectorized (`teachers.stack_way`),
+  all in one stage `name`; elsewhere (CPU, where they would unroll), one stage
+  `{name}_{network}` each, all through one compiled step: a K-th of the compiling."""
+  if len(names) == 1 or teachers.stack_way(differentiated=True) == "vmap":
+    return [(name, tuple(names))]
+  return [(f"{name}_{n}", (n,)) for n in names]
+
+
 def train_supervised(run: Run, name: str, stage: str, module, spaces: dict,
                      domains: dict[str, str | None], cfg,
                      pretrained: bool = False) -> teachers.TeacherStack:
-  """Trains K networks of one architecture and head layout from labels, all in one
-  step: network k (label space `spaces[k]`) on the training images labelled in each
-  of its heads, all in domain `domains[k]` (None: each image in its own). The
-  teachers of the pool are trained this way (`pretrained`: from the pretrained
-  backbone), and so is the supervised student."""
+  """Trains K networks of one architecture and head layout from labels: network k
+  (label space `spaces[k]`) on the training images labelled in each of its heads,
+  all in domain `domains[k]` (None: each image in its own). The teachers of the pool
+  are trained this way (`pretrained`: from the pretrained backbone), and so is the
+  supervised student.
+
+  They train in one stage or one each (`supervised_stages`); either way network k
+  sees the same batches and starts from the same weights: its own key, initialised
+  alone (`lax.map`; a vmapped 'rbg' init would depend on the keys beside it).
+  """
   names = tuple(spaces)
-  members = [run.train_indices[np.all(_head_labels(
-      run, run.train_indices, spaces[n].heads) >= 0, axis=-1)] for n in names]
   x = run.images(np.arange(1))
+  spec = teachers.Supervised(module, tuple(len(h.classes) for h in spaces[names[0]].heads))
 
-  def batch_fn(step):
-    picks = [_local(m[data.batch_indices(len(m), cfg.batch_size, run.config.seed,
-                                         f"{name}/{n}", step)]) for n, m in zip(names, members)]
-    return sharded({
-        "image": np.stack([run.images(p, domains[n], f"{name}/{n}", step)
-                           for n, p in zip(names, picks)]),
-        "label": np.stack([_head_labels(run, p, spaces[n].heads)
-                           for n, p in zip(names, picks)]),
-    }, axis=1)
-
-  def make_state(key):
-    keys = jax.random.split(key, len(names))
-    variables = jax.vmap(lambda k: module.init(k, x, train=False))(keys)
+  def make_state(member_keys):
+    variables = jax.lax.map(lambda k: module.init(k, x, train=False), member_keys)
     return train.create_state({"params": {"net": variables["params"]},
                                "batch_stats": variables["batch_stats"]}, cfg.optimizer, cfg.steps)
 
-  spec = teachers.Supervised(module, tuple(len(h.classes) for h in spaces[names[0]].heads))
-  state = run.fit(name, stage, make_state, teachers.supervised_loss, spec, None,
-                  batch_fn, cfg, labels={"": names}, pretrained=pretrained)
-  return teachers.TeacherStack(names, module, _variables(state))
+  def fit(stage_name: str, members: tuple[str, ...]) -> dict:
+    images = [run.train_indices[np.all(_head_labels(
+        run, run.train_indices, spaces[n].heads) >= 0, axis=-1)] for n in members]
+
+    def batch_fn(step):
+      picks = [_local(m[data.batch_indices(len(m), cfg.batch_size, run.config.seed,
+                                           f"{name}/{n}", step)])
+               for n, m in zip(members, images)]
+      return sharded({
+          "image": np.stack([run.images(p, domains[n], f"{name}/{n}", step)
+                             for n, p in zip(members, picks)]),
+          "label": np.stack([_head_labels(run, p, spaces[n].heads)
+                             for n, p in zip(members, picks)]),
+      }, axis=1)
+
+    state = run.fit(stage_name, stage, make_state,
+                    teachers.supervised_loss, spec, None, batch_fn, cfg,
+                    labels={"": members}, pretrained=pretrained,
+                    key=jax.numpy.stack([run.key(f"{name}/{n}") for n in members]))
+    return _variables(state)
+
+  variables = [fit(*stage_members) for stage_members in supervised_stages(name, names)]
+  return teachers.TeacherStack(names, module,
+                               jax.tree.map(lambda *a: np.concatenate(a), *variables))
 
 
 def train_teachers(run: Run) -> list[teachers.TeacherStack]:

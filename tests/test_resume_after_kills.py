@@ -93,11 +93,13 @@ def assert_same_run(config, workdir: Path, reference: Path):
 def test_three_kills_across_stages_change_nothing(tiny, finished, data_dir, tmp_path):
   reference, _ = finished
   workdir = tmp_path / "run"
-  triggers = [_checkpoint("teachers", 2), _checkpoint("stage1_part2", 2),
+  first_teachers = pipeline.supervised_stages("teachers", ("t1", "t2", "t3", "t4"))[0][0]
+  triggers = [_checkpoint(first_teachers, 2), _checkpoint("stage1_part2", 2),
               _checkpoint("stage2", 6)]  # the last one lands in evaluation
   landed = run_with_kills(_command(f"tests/tiny_config.py:{data_dir}", workdir), workdir,
                           triggers, delays=[0.0] * 3)
-  assert [where.split("+")[0] for where in landed][:2] == ["teachers/2", "stage1_part2/2"]
+  assert [where.split("+")[0] for where in landed][:2] == [f"{first_teachers}/2",
+                                                          "stage1_part2/2"]
   assert_same_run(tiny, workdir, reference)
 
 

@@ -7,7 +7,10 @@ another order over two processes (gloo) than within one, which moves the first
 step's losses by ~1e-6 relative; over training that flips the selection of a few
 images between teachers of near-equal ambiguity. On these tiny batches a flip moves
 a logged stage-1 or stage-2 metric a lot (a gradient norm by 25%), so those are
-compared by the steps logged; the teachers' metrics (no selection) within 1e-3, and
+compared by the steps logged; the teachers' metrics (no selection) within 1% or one
+image of the 32 a logged accuracy covers (by step 4 a near-chance teacher's argmax
+flipped on one image), but for their gradient norms, which the device count alone
+moves by up to 11% on these tiny teachers (8 against 4 devices in one process); and
 the report's counts exactly and its accuracies and fractions within 0.02.
 
 The default suite runs the teachers and the evaluation (`pipeline=ensemble`: the
@@ -81,7 +84,8 @@ def _check_same_run(workdir: Path, reference: Path, stdouts: list[str]):
   for got, want in zip(logged(workdir), logged(reference)):
     assert (got["stage"], got["step"]) == (want["stage"], want["step"])
     if got["stage"].startswith("teachers"):  # no selection: only rounding apart
-      _assert_close(got, want, rel=1e-3, tolerance=1e-3)
+      drop = lambda record: {k: v for k, v in record.items() if k != "grad_norm"}
+      _assert_close(drop(got), drop(want), rel=1e-2, tolerance=1 / 32)
   assert len(list((workdir / "tensorboard").iterdir())) == 1
   assert "joint accuracy" in stdouts[0] and "joint accuracy" not in stdouts[1]
 
