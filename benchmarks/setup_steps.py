@@ -68,10 +68,12 @@ def main(argv):
   x = _images(config, 1, rng)
   rows = []
 
-  # The teachers' step: every teacher of the pool in one stack (as the pipeline
-  # trains them where they share a label-space size), each on its own batch.
-  count, batch_size = len(spaces), config.teacher_training.batch_size
-  variables = _init(teacher, x, count, 0)
+  # The teachers' step as the pipeline trains the pool (`pipeline.supervised_stages`):
+  # all in one stack, or (CPU) one stage per teacher; each on its own batch.
+  pool = _init(teacher, x, len(spaces), 0)
+  stages = pipeline.supervised_stages("teachers", tuple(spaces))
+  count, batch_size = len(stages[0][1]), config.teacher_training.batch_size
+  variables = teachers.take(pool, range(count))
   state = train.create_state({"params": {"net": variables["params"]},
                               "batch_stats": variables["batch_stats"]},
                              config.teacher_training.optimizer, 100)
@@ -79,7 +81,7 @@ def main(argv):
   labels = rng.integers(0, 2, size=(count, batch_size, len(spec.head_sizes))).astype(np.int32)
   batch = pipeline.sharded({"image": np.stack([_images(config, batch_size, rng)] * count),
                              "label": labels}, axis=1)
-  rows.append((f"teachers ({count} in one stack)", batch_size, *_time(
+  rows.append((f"teachers ({count} per step, {len(stages)} stage(s))", batch_size, *_time(
       train.train_step(teachers.supervised_loss, spec), state, None, batch, FLAGS.steps)))
 
   # Stage 1: a component from its group; stage 2: the student from the components.
@@ -91,7 +93,7 @@ def main(argv):
       net=component, frozen_nets=((teacher,),), head_sizes=(len(group.part.classes),),
       bridge_widths=tuple(config.stage1.bridge_widths))
   frozen1 = {"groups": {"0": {"stacks": [{
-      "nets": teachers.take(variables, range(len(group.teachers))), "index": group.index}]}}}
+      "nets": teachers.take(pool, range(len(group.teachers))), "index": group.index}]}}}
   components = _init(component, x, 1, 1)
   stage2 = amalgamate.Amalgamation(
       net=student, frozen_nets=tuple((component,) for _ in plan.groups),

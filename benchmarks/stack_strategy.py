@@ -3,12 +3,14 @@
 Times, side by side in one process and alternating, the two programs a stack runs:
 K teachers' eval forward on one shared batch (stage 1), and K networks' training
 step on K batches (the teacher stage). Prints a markdown table of medians and the
-ratio to the unrolled program. `kamal_jax.teachers.stack_way` picks from these numbers.
+ratio to the unrolled program (`--record`: also into RESULTS.md, one block per
+backend and architecture). `kamal_jax.teachers.stack_way` picks from these numbers.
 
-  python benchmarks/stack_strategy.py                      # digits nets, CPU
-  python benchmarks/stack_strategy.py --arch=resnet18 --image=112 --batch=32
+  python benchmarks/stack_strategy.py                      # digits nets
+  python benchmarks/stack_strategy.py --arch=resnet18 --image=112 --channels=3 --batch=32
 """
 import argparse
+import sys
 import time
 
 import jax
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import side_by_side as sbs
 from kamal_jax import models
 from kamal_jax.teachers import WAYS, map_stacked
 
@@ -58,14 +61,20 @@ def main():
   parser.add_argument("--ks", default="1,2,4")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--record", action="store_true")
   args = parser.parse_args()
   # bn_axis_name=None: these programs run outside pmap.
   module = models.create(args.arch, 10).clone(bn_axis_name=None)
   rng = np.random.default_rng(0)
-  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, arch {args.arch}, "
-        f"{args.image}px, batch {args.batch}\n")
-  print("| K | program | way | compile s | median ms | / unroll |")
-  print("|---|---|---|---|---|---|")
+  command = " ".join(["python benchmarks/stack_strategy.py", *sys.argv[1:]]).replace(
+      " --record", "")
+  lines = [f"### Stacked networks: {args.arch} at {args.image} px, batch {args.batch}, "
+           f"{jax.default_backend()}", "", sbs.header(), "",
+           f"`{command}`: medians of {args.rounds} rounds x {args.repeats} calls, the ways "
+           "alternating; compile s: the first call (compile included, no cache); "
+           "'/ unroll': the ratio to K calls unrolled in one program (lower is faster).", "",
+           "| K | program | way | compile s | median ms | / unroll |",
+           "|---|---|---|---|---|---|"]
   for k in map(int, args.ks.split(",")):
     x = jnp.asarray(rng.uniform(size=(args.batch, args.image, args.image, args.channels)),
                     jnp.float32)
@@ -92,8 +101,10 @@ def main():
       base = np.median(timings["unroll", name])
       for way in WAYS:
         ms = np.median(timings[way, name])
-        print(f"| {k} | {name} | {way} | {compiled[way, name]:.1f} | {ms:.2f} | "
-              f"{ms / base:.2f} |")
+        lines.append(f"| {k} | {name} | {way} | {compiled[way, name]:.1f} | {ms:.2f} | "
+                     f"{ms / base:.2f} |")
+  sbs.publish(f"stack_strategy_{jax.default_backend()}_{args.arch}", "\n".join(lines),
+              args.record)
 
 
 if __name__ == "__main__":
