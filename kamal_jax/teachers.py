@@ -8,8 +8,9 @@ Teachers always run in eval mode (running batch statistics) and never enter an
 optimizer.
 
 Training a pool of class teachers from labels (the source nets of the embedded
-default and of the paper's setups) is the supervised stage below: the K teachers of a
-stack train together in one step, each on batches of its own classes.
+default and of the paper's setups) is the supervised loss below: each network of a
+stack on batches of its own classes, all K in one step where stacks run vectorized,
+one at a time on CPU (`pipeline.supervised_stages`).
 """
 import dataclasses
 from typing import Any, Callable
