@@ -24,7 +24,7 @@ from kamal_jax.teachers import WAYS, map_stacked
 
 
 def programs(module, way):
-  run = lambda fn, *stacked: map_stacked(fn, *stacked, differentiated=True, way=way)
+  run = lambda fn, *stacked: map_stacked(fn, *stacked, in_step=True, way=way)
 
   def forward(variables, x):  # [K] variables, shared x [B, ...] -> logits [K, B, C]
     return run(lambda v: module.apply(v, x).logits, variables)

@@ -70,8 +70,8 @@ def _bridge(widths, bridge_params, feats, stacked_feats: bool) -> tuple:
   feats [B, ...] go through every set. Returns ([K, B, H, W, c] per tap)."""
   apply = lambda p, f: Bridges(widths).apply({"params": p}, f)
   if stacked_feats:
-    return map_stacked(apply, bridge_params, feats, differentiated=True)
-  return map_stacked(lambda p: apply(p, feats), bridge_params, differentiated=True)
+    return map_stacked(apply, bridge_params, feats, in_step=True)
+  return map_stacked(lambda p: apply(p, feats), bridge_params, in_step=True)
 
 
 def _feature_mse(predicted: tuple, target: tuple) -> jnp.ndarray:
@@ -98,7 +98,7 @@ def _frozen_targets(spec: Amalgamation, g: int, params, frozen, x, feats, output
   logits, targets, weight_norm = [], [], jnp.zeros(())
   for s, (module, stack) in enumerate(zip(spec.frozen_nets[g], frozen["stacks"])):
     if outputs is None:
-      out = jax.lax.stop_gradient(stacked_apply(module, stack["nets"], x))
+      out = jax.lax.stop_gradient(stacked_apply(module, stack["nets"], x, in_step=True))
     else:
       out = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), outputs[s])
     logits.append(jnp.take_along_axis(out.logits, stack["index"][:, None, :], axis=-1))

@@ -21,7 +21,8 @@ def _outputs(module: nn.Module, stacked: bool, feats: bool, variables, x):
   """Eval-mode logits [B, C] ([B, K, C] for stacked networks), or with `feats` the
   Outputs, every array batch first."""
   if stacked:
-    outputs = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), stacked_apply(module, variables, x))
+    outputs = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1),
+                           stacked_apply(module, variables, x, in_step=False))
   else:
     outputs = module.apply(variables, x, train=False)
   return outputs if feats else outputs.logits

@@ -171,7 +171,7 @@ def supervised_stages(name: str, names: tuple[str, ...]) -> list[tuple[str, tupl
   networks)]. Where stacks of trained networks run vectorized (`teachers.stack_way`),
   all in one stage `name`; elsewhere (CPU, where they would unroll), one stage
   `{name}_{network}` each, all through one compiled step: a K-th of the compiling."""
-  if len(names) == 1 or teachers.stack_way(differentiated=True) == "vmap":
+  if len(names) == 1 or teachers.stack_way(in_step=True) == "vmap":
     return [(name, tuple(names))]
   return [(f"{name}_{n}", (n,)) for n in names]
 
@@ -266,9 +266,10 @@ def _frozen_outputs(run: Run, spec, frozen, indices: np.ndarray) -> dict | None:
   stacks = [(str(g), module, stack) for g, modules in enumerate(spec.frozen_nets)
             for module, stack in zip(modules, frozen["groups"][str(g)]["stacks"])]
   x = run.images(indices[:1])
-  per_image = sum(a.size * a.dtype.itemsize for _, module, stack in stacks for a in
-                  jax.tree.leaves(jax.eval_shape(
-                      lambda v, m=module: teachers.stacked_apply(m, v, x), stack["nets"])))
+  shapes = lambda module, nets: jax.eval_shape(
+      lambda v: teachers.stacked_apply(module, v, x, in_step=False), nets)
+  per_image = sum(a.size * a.dtype.itemsize for _, module, stack in stacks
+                  for a in jax.tree.leaves(shapes(module, stack["nets"])))
   megabytes = per_image * len(indices) / 2**20
   if run.dataset.images.augments or megabytes > run.config.frozen_output_cache_mb:
     return None

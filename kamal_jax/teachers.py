@@ -108,32 +108,34 @@ def take(stack_variables, indices) -> Any:
 WAYS = ("vmap", "unroll", "loop")
 
 
-def stack_way(differentiated: bool) -> str:
+def stack_way(in_step: bool) -> str:
   """How `map_stacked` runs K networks on this backend, as measured
-  (benchmarks/stack_strategy.py, RESULTS.md).
+  (benchmarks/stack_strategy.py, RESULTS.md). `in_step`: the networks run in every
+  train step (under gradients or beside them), not once over a dataset (predictions).
 
   On GPU, `jax.vmap` ran a K=4 ResNet-18 training step in 0.75x the time of K
   separate calls. On CPU, XLA lowers vmapped convolutions over stacked weights to
-  grouped ones, whose training steps ran 4-8x slower; and a convolution's gradient
-  inside a loop ran 10-80x slower than outside. So a CPU unrolls what is
-  differentiated, and loops (`lax.map`) over forward-only stacks: those gave
-  bit-identical outputs as fast as unrolled, from one compiled body whatever K is
-  (a K=4 teacher forward compiled in 1.0 s against 3.0 s unrolled).
+  grouped ones (digits nets: training steps 7-15x slower than unrolled at K = 2-4),
+  and runs a convolution's gradient inside a loop body far slower than outside one
+  (looped training steps 11-17x slower). So a CPU unrolls what runs in a step, and
+  loops (`lax.map`) over predictions: bit-identical outputs from one compiled body
+  whatever K is (digits teachers at K=4: 1.1 s against 3.2 s), for 2-16% more time
+  (digits nets at batch 64, K = 1-4), which a single pass over a dataset repays.
   """
   if jax.default_backend() != "cpu":
     return "vmap"
-  return "unroll" if differentiated else "loop"
+  return "unroll" if in_step else "loop"
 
 
-def map_stacked(fn: Callable, *stacked, differentiated: bool, way: str | None = None) -> Any:
+def map_stacked(fn: Callable, *stacked, in_step: bool, way: str | None = None) -> Any:
   """`fn` over the K slices of stacked arguments (every leaf [K, ...]), outputs
   stacked back to [K, ...]: `jax.vmap(fn)` in meaning, however it runs.
 
-  `differentiated`: whether gradients flow through `fn` (it picks the way; see
+  `in_step`: whether `fn` runs in every train step (it picks the way; see
   `stack_way`). `way` overrides the pick: 'vmap', 'unroll' (K calls at trace time)
   or 'loop' (`lax.map`). Every way is one program, compiled once.
   """
-  way = way or stack_way(differentiated)
+  way = way or stack_way(in_step)
   if way == "vmap":
     return jax.vmap(fn)(*stacked)
   if way == "loop":
@@ -143,11 +145,10 @@ def map_stacked(fn: Callable, *stacked, differentiated: bool, way: str | None = 
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
 
 
-def stacked_apply(module: nn.Module, variables, x: jnp.ndarray) -> Outputs:
+def stacked_apply(module: nn.Module, variables, x: jnp.ndarray, in_step: bool) -> Outputs:
   """Eval-mode outputs of K stacked networks on one batch: logits [K, B, C] and
-  feats ([K, B, H, W, D] per tap)."""
-  return map_stacked(lambda v: module.apply(v, x, train=False), variables,
-                     differentiated=False)
+  feats ([K, B, H, W, D] per tap). `in_step`: see `stack_way`."""
+  return map_stacked(lambda v: module.apply(v, x, train=False), variables, in_step=in_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,5 +179,5 @@ def supervised_loss(spec: Supervised, params, batch_stats, frozen, batch):
     return jnp.mean(ce), accuracy, updates["batch_stats"]
 
   ce, accuracy, batch_stats = map_stacked(one, params["net"], batch_stats,
-                                          batch["image"], batch["label"], differentiated=True)
+                                          batch["image"], batch["label"], in_step=True)
   return jnp.sum(ce), ({"cross_entropy": ce, "accuracy": accuracy}, batch_stats)

@@ -185,7 +185,7 @@ def test_oracle_follows_the_labels(stage1):
   teacher0 = jax.device_get(teachers.stacked_apply(
       spec.frozen_nets[0][0],
       jax.tree.map(lambda a: a[:1], frozen["groups"]["0"]["stacks"][0]["nets"]),
-      IMAGES).logits[0, :, :3].argmax(-1))
+      IMAGES, in_step=False).logits[0, :, :3].argmax(-1))
   labels = np.zeros((BATCH, 1), np.int32)  # [B, G]: position in the one part
   _, metrics = _run(_step(spec), state, frozen, IMAGES, jax.local_devices(), label=labels)
   expected = np.mean(teacher0 == 0)

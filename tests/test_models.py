@@ -105,7 +105,7 @@ def test_stacked_networks_give_the_same_outputs_every_way():
   variables = jax.jit(jax.vmap(lambda k: module.init(k, x[:1])))(keys)
   apply = lambda v: module.apply(v, x)
   outputs = {way: jax.jit(lambda v, way=way: teachers.map_stacked(
-      apply, v, differentiated=False, way=way))(variables) for way in teachers.WAYS}
+      apply, v, in_step=False, way=way))(variables) for way in teachers.WAYS}
   assert outputs["unroll"].logits.shape == (3, 4, 4)
   for way in ("vmap", "loop"):
     for a, b in zip(jax.tree.leaves(outputs["unroll"]), jax.tree.leaves(outputs[way])):
