@@ -113,7 +113,10 @@ def test_twelve_random_kills_of_the_default_change_nothing(tmp_path, capsys):
   # Moments spread over every stage: each waits for a checkpoint (or for one being
   # written), then a seeded random delay.
   rng = np.random.default_rng(0)
-  triggers = [_checkpoint("teachers", 100), _saving, _checkpoint("teachers", 300),
+  teacher_stages = [name for name, _ in pipeline.supervised_stages(
+      "teachers", tuple(digits.get_config().teachers))]
+  triggers = [_checkpoint(teacher_stages[0], 100), _saving,
+              _checkpoint(teacher_stages[-1], 300),
               _checkpoint("stage1_part1", 100), _checkpoint("stage1_part1", 300), _saving,
               _checkpoint("stage1_part2", 200), _checkpoint("stage2", 100),
               _checkpoint("stage2", 200), _saving, _checkpoint("stage2", 300),
