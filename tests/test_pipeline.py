@@ -85,11 +85,10 @@ def test_amalgamation_never_sees_labels(tiny, tmp_path, monkeypatch):
   result = pipeline.train_and_evaluate(tiny, str(tmp_path))
   # Amalgamation batches hold images and, computed once from them, the frozen
   # networks' outputs (the digits are not augmented): no labels.
-  teacher_batches = [keys for name, keys in seen.items() if name.startswith("teachers")]
-  assert teacher_batches and all(keys == ["image", "label"] for keys in teacher_batches)
-  assert {name: keys for name, keys in seen.items() if not name.startswith("teachers")} == {
-      "stage1_part1": ["frozen", "image"], "stage1_part2": ["frozen", "image"],
-      "stage2": ["frozen", "image"]}
+  teacher_stages = pipeline.supervised_stages("teachers", ("t1", "t2", "t3", "t4"))
+  assert seen == {**{name: ["image", "label"] for name, _ in teacher_stages},
+                  "stage1_part1": ["frozen", "image"], "stage1_part2": ["frozen", "image"],
+                  "stage2": ["frozen", "image"]}
   assert result["components"][0]["selected_fraction"]
 
 
