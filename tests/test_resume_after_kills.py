@@ -51,12 +51,15 @@ def run_with_kills(command: list[str], workdir: Path, triggers, delays) -> list[
   landed = []
   env = dict(os.environ, PYTHONPATH=str(REPO))
   for trigger, delay in zip(triggers, delays):
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    while process.poll() is None and not trigger(workdir):
-      time.sleep(0.01)
-    time.sleep(delay)
-    assert process.poll() is None, f"the run ended before kill {len(landed) + 1}"
+    stderr = workdir.parent / f"kill{len(landed) + 1}.stderr"
+    with stderr.open("w") as log:
+      process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                 stderr=log)
+      while process.poll() is None and not trigger(workdir):
+        time.sleep(0.01)
+      time.sleep(delay)
+    assert process.poll() is None, (f"the run ended before kill {len(landed) + 1}, after "
+                                    f"{landed}:\n{stderr.read_text()[-3000:]}")
     process.send_signal(signal.SIGKILL)
     process.wait()
     landed.append(_progress(workdir) + ("+saving" if _saving(workdir) else ""))

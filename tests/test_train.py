@@ -1,5 +1,6 @@
 """The shared loop: exact resume, refusal to checkpoint non-finite losses, optimizers."""
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +101,28 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_before_it(
   logged = [json.loads(line)["step"]
             for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert logged == [1, 2, 3, 4, 5, 6]  # steps 5-6 are logged once, by the resumed run
+
+
+def test_a_save_cut_short_is_cleaned_up_by_one_manager_alone(setup, tmp_path, monkeypatch):
+  """Orbax deletes the temporary directories of cut-short saves in a thread that
+  closing its manager does not wait for; when the finished-stage check and the
+  training both asked, two threads deleted one directory (FileNotFoundError)."""
+  _, _, make_state = setup
+  _fit(setup, tmp_path, steps=4)
+  checkpoints = tmp_path / "ckpt"
+  shutil.copytree(checkpoints / "4", checkpoints / "6.orbax-checkpoint-tmp")  # killed saving 6
+  cleaning = []
+  opened = train.loop.ocp.CheckpointManager
+
+  def spy(directory, options):
+    cleaning.append(options.cleanup_tmp_directories)
+    return opened(directory, options=options)
+
+  monkeypatch.setattr(train.loop.ocp, "CheckpointManager", spy)
+  assert train.restore_finished(checkpoints, make_state, KEY, 6) is None
+  _fit(setup, tmp_path)
+  assert len(cleaning) == 2 and sum(cleaning) == 1
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["4", "6"]
 
 
 def test_finished_stage_is_restored_not_retrained(setup, tmp_path):

@@ -42,11 +42,15 @@ class Schedule:
           "check that the loss is finite.")
 
 
-def _manager(directory: Path) -> ocp.CheckpointManager:
+def _manager(directory: Path, clean_up: bool = False) -> ocp.CheckpointManager:
+  """`clean_up`: delete the temporary directories of saves cut short. Orbax does it in
+  a thread that closing the manager does not wait for, so only the manager that
+  trains asks for it: two managers of one directory in one process raced to delete
+  the same directory (FileNotFoundError), after a kill landed while saving."""
   return ocp.CheckpointManager(
       directory.absolute(),
       options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
-                                           cleanup_tmp_directories=True))
+                                           cleanup_tmp_directories=clean_up))
 
 
 # Each finished checkpoint gets the SHA-256 of its files: orbax's atomic rename
@@ -246,7 +250,7 @@ def fit(name: str, directory: Path, make_state: Callable[[jax.Array], TrainState
   init, which would embed them as constants). The key is an argument of the init
   program, not a constant in it, so stages of equal shapes share one program.
   """
-  with _manager(directory) as manager:
+  with _manager(directory, clean_up=True) as manager:
     start = _latest_good(manager)
     if start:
       state = _restore(manager, start, make_state, key)
