@@ -1,6 +1,7 @@
 """The shared loop: exact resume, refusal to checkpoint non-finite losses, optimizers."""
 import json
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +124,23 @@ def test_a_save_cut_short_is_cleaned_up_by_one_manager_alone(setup, tmp_path, mo
   _fit(setup, tmp_path)
   assert len(cleaning) == 2 and sum(cleaning) == 1
   assert sorted(p.name for p in checkpoints.iterdir()) == ["4", "6"]
+
+
+def test_a_checkpoint_is_sealed_soon_after_it_is_written(setup, tmp_path):
+  """Not only when the next save starts: a kill between the two would lose it."""
+  _, batch_fn, _ = setup
+  written = tmp_path / "ckpt" / "2"
+
+  def checked(step):  # the batch of step `step + 1`
+    if step == 2:
+      while not written.is_dir():  # orbax renames the finished checkpoint into place
+        time.sleep(0.01)
+      time.sleep(0.2)
+    if step == 3:  # before the next save
+      assert (written / train.CHECKSUMS).is_file(), "checkpoint 2 unsealed at step 4"
+    return batch_fn(step)
+
+  _fit(setup, tmp_path, checked)
 
 
 def test_finished_stage_is_restored_not_retrained(setup, tmp_path):
