@@ -10,11 +10,8 @@ resident memory of each process; what kamal-jax compiled per stage, cold and war
 (its compilation.json).
 """
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,31 +28,9 @@ HERE = Path(__file__).resolve().parent
 STAGES = ("teachers", "stage1", "stage2", "evaluate")
 
 
-def _run(command: list[str]) -> tuple[float, float]:
-  """Runs a command to its end: (wall seconds, peak resident memory in GB)."""
-  with tempfile.TemporaryFile("w+") as log:
-    start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=HERE.parent, stdout=log, stderr=log)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status):
-      log.seek(0)
-      raise RuntimeError(f"{' '.join(command)} failed:\n{log.read()[-3000:]}")
-  return seconds, usage.ru_maxrss / 2**20  # Linux gives kilobytes
-
-
-def _kamal_jax(workdir: Path, cache: Path) -> dict:
-  seconds, memory = _run([str(Path(sys.executable).parent / "kamal-jax"),
-                          "--config=configs/digits.py", f"--workdir={workdir}",
-                          f"--compilation_cache={cache}"])
-  result = json.loads((workdir / "report.json").read_text())
-  return {"seconds": dict(result["timings"], command=seconds), "memory": memory,
-          "joint": result["student"]["accuracy_joint"],
-          "compilation": json.loads((workdir / "compilation.json").read_text())}
-
-
 def _torch(out: Path) -> dict:
-  seconds, memory = _run([sys.executable, str(HERE / "reference_pipeline.py"), f"--out={out}"])
+  seconds, memory, _ = sbs.run_command([sys.executable, str(HERE / "reference_pipeline.py"),
+                                        f"--out={out}"])
   result = json.loads(out.read_text())
   return {"seconds": dict(result["seconds"], command=seconds), "memory": memory,
           "joint": result["student_joint"]}
@@ -70,8 +45,8 @@ def main(argv):
     for r in range(FLAGS.rounds):
       cache = scratch / f"cache{r}"
       for name, run in zip(runs, (lambda: _torch(scratch / f"torch{r}.json"),
-                                  lambda: _kamal_jax(scratch / f"cold{r}", cache),
-                                  lambda: _kamal_jax(scratch / f"warm{r}", cache))):
+                                  lambda: sbs.run_kamal_jax(scratch / f"cold{r}", cache),
+                                  lambda: sbs.run_kamal_jax(scratch / f"warm{r}", cache))):
         runs[name].append(run())
         print(name, json.dumps(runs[name][-1]["seconds"]), flush=True)
 

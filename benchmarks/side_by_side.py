@@ -18,8 +18,13 @@ PyTorch runs as its users write it: NCHW, a Python loop over the frozen networks
 `torch.no_grad()` around them, `torch.set_num_threads(cores)`.
 """
 import dataclasses
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -328,6 +333,34 @@ def alternate(runs: dict, rounds: int, calls: int) -> dict:
         run()
         times[name].append(time.perf_counter() - start)
   return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def run_command(command: list[str], env: dict | None = None) -> tuple[float, float, str]:
+  """Runs a command from the repository root to its end: (wall seconds, peak
+  resident memory in GB, its output). `env`: variables added to this process's."""
+  with tempfile.TemporaryFile("w+") as log:
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=Path(RESULTS).parent.parent, stdout=log,
+                               stderr=log, env=dict(os.environ, **(env or {})))
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    log.seek(0)
+    output = log.read()
+  if os.waitstatus_to_exitcode(status):
+    raise RuntimeError(f"{' '.join(command)} failed:\n{output[-3000:]}")
+  return seconds, usage.ru_maxrss / 2**20, output  # Linux gives kilobytes
+
+
+def run_kamal_jax(workdir: Path, cache: Path, env: dict | None = None) -> dict:
+  """`kamal-jax` on the digits default: seconds per stage and of the whole command,
+  peak memory, student joint accuracy and what it compiled."""
+  seconds, memory, _ = run_command([str(Path(sys.executable).parent / "kamal-jax"),
+                                    "--config=configs/digits.py", f"--workdir={workdir}",
+                                    f"--compilation_cache={cache}"], env)
+  result = json.loads((workdir / "report.json").read_text())
+  return {"seconds": dict(result["timings"], command=seconds), "memory": memory,
+          "joint": result["student"]["accuracy_joint"],
+          "compilation": json.loads((workdir / "compilation.json").read_text())}
 
 
 def header() -> str:
