@@ -135,7 +135,9 @@ def test_a_checkpoint_is_sealed_soon_after_it_is_written(setup, tmp_path):
 
   def checked(step):  # the batch of step `step + 1`
     if step == 2:
+      deadline = time.monotonic() + 60
       while not written.is_dir():  # orbax renames the finished checkpoint into place
+        assert time.monotonic() < deadline, "checkpoint 2 was never written"
         time.sleep(0.01)
       time.sleep(0.2)
     if step == 3:  # before the next save
