@@ -166,12 +166,16 @@ def _pool(run: Run, classes) -> np.ndarray:
   return run.train_indices[_labels_in(run, run.train_indices, classes) >= 0]
 
 
-def supervised_stages(name: str, names: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
+def supervised_stages(name: str, names: tuple[str, ...],
+                      vectorized: bool | None = None) -> list[tuple[str, tuple[str, ...]]]:
   """How `train_supervised` splits networks `names` into stages: [(stage name,
-  networks)]. Where stacks of trained networks run vectorized (`teachers.stack_way`),
-  all in one stage `name`; elsewhere (CPU, where they would unroll), one stage
-  `{name}_{network}` each, all through one compiled step: a K-th of the compiling."""
-  if len(names) == 1 or teachers.stack_way(in_step=True) == "vmap":
+  networks)]. Where stacks of trained networks run vectorized (`teachers.stack_way`;
+  `vectorized` overrides it), all in one stage `name`; elsewhere (CPU, where they
+  would unroll), one stage `{name}_{network}` each, all through one compiled step: a
+  K-th of the compiling."""
+  if vectorized is None:
+    vectorized = teachers.stack_way(in_step=True) == "vmap"
+  if len(names) == 1 or vectorized:
     return [(name, tuple(names))]
   return [(f"{name}_{n}", (n,)) for n in names]
 
@@ -187,11 +191,15 @@ def train_supervised(run: Run, name: str, stage: str, module, spaces: dict,
 
   They train in one stage or one each (`supervised_stages`); either way network k
   sees the same batches and starts from the same weights: its own key, initialised
-  alone (`lax.map`; a vmapped 'rbg' init would depend on the keys beside it).
+  alone (`lax.map`; a vmapped 'rbg' init would depend on the keys beside it). A run
+  begun on a backend with the other split is restored from it where it finished
+  there (trained on a GPU, evaluated on a CPU), never trained again.
   """
   names = tuple(spaces)
   x = run.images(np.arange(1))
   spec = teachers.Supervised(module, tuple(len(h.classes) for h in spaces[names[0]].heads))
+
+  keys = lambda members: jax.numpy.stack([run.key(f"{name}/{n}") for n in members])
 
   def make_state(member_keys):
     variables = jax.lax.map(lambda k: module.init(k, x, train=False), member_keys)
@@ -215,11 +223,31 @@ def train_supervised(run: Run, name: str, stage: str, module, spaces: dict,
 
     state = run.fit(stage_name, stage, make_state,
                     teachers.supervised_loss, spec, None, batch_fn, cfg,
-                    labels={"": members}, pretrained=pretrained,
-                    key=jax.numpy.stack([run.key(f"{name}/{n}") for n in members]))
+                    labels={"": members}, pretrained=pretrained, key=keys(members))
     return _variables(state)
 
-  variables = [fit(*stage_members) for stage_members in supervised_stages(name, names)]
+  def restored(stages) -> list[dict] | None:
+    """The final variables of every one of `stages`, or None if one has not finished."""
+    variables = []
+    for stage_name, members in stages:
+      state = train.restore_finished(run.workdir / "checkpoints" / stage_name, make_state,
+                                     keys(members), cfg.steps)
+      if state is None:
+        return None
+      variables.append(_variables(state))
+    return variables
+
+  stages = supervised_stages(name, names)
+  other = supervised_stages(name, names, vectorized=len(stages) > 1)
+  started = lambda split: any((run.workdir / "checkpoints" / s).is_dir() for s, _ in split)
+  variables = None
+  if other != stages and not started(stages) and started(other):
+    variables = restored(other)  # None where it did not finish there: trained here
+    if variables is not None:
+      logging.info("Restored %s from stages %s, as another backend trained them.", names,
+                   [s for s, _ in other])
+  if variables is None:
+    variables = [fit(*stage_members) for stage_members in stages]
   return teachers.TeacherStack(names, module,
                                jax.tree.map(lambda *a: np.concatenate(a), *variables))
 

@@ -1,6 +1,7 @@
 """The shrunk digits default end to end: report, checkpoints, resume, determinism, CLI."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 
 import ml_collections
 
-from kamal_jax import bench, pipeline, train
+from kamal_jax import bench, pipeline, teachers, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,6 +64,27 @@ def test_rerun_restores_finished_stages(tiny, finished, monkeypatch):
   assert _numbers(again) == _numbers(result)
   for stage in ("teachers", "stage1", "stage2"):  # the times of the training run stay
     assert again["timings"][stage] == result["timings"][stage]
+
+
+def test_teachers_trained_with_another_backends_split_are_restored(tiny, finished, tmp_path,
+                                                                   monkeypatch):
+  """A CPU trains each teacher in a stage of its own; a GPU, where stacks run vmapped,
+  trains them in one. A run trained on one is evaluated on the other, rather than
+  refused or trained again: here the GPU's split restores the CPU's (the reverse is
+  the same code with the two splits swapped)."""
+  reference, result = finished
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  monkeypatch.setattr(teachers, "stack_way", lambda in_step: "vmap" if in_step else "loop")
+  assert pipeline.supervised_stages("teachers", ("t1", "t2")) == [("teachers", ("t1", "t2"))]
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("a finished stage was trained again")
+
+  monkeypatch.setattr(train.loop, "train_step", no_training)
+  again = pipeline.train_and_evaluate(tiny, str(workdir), stages=("evaluate",))
+  assert _numbers(again) == _numbers(result)
+  assert not (workdir / "checkpoints" / "teachers").exists()
 
 
 def test_same_seed_gives_identical_numbers(tiny, finished, tmp_path):
