@@ -230,8 +230,10 @@ def train_supervised(run: Run, name: str, stage: str, module, spaces: dict,
     """The final variables of every one of `stages`, or None if one has not finished."""
     variables = []
     for stage_name, members in stages:
-      state = train.restore_finished(run.workdir / "checkpoints" / stage_name, make_state,
-                                     keys(members), cfg.steps)
+      directory = run.workdir / "checkpoints" / stage_name
+      if not directory.is_dir():  # checked first: a checkpoint manager would create it
+        return None
+      state = train.restore_finished(directory, make_state, keys(members), cfg.steps)
       if state is None:
         return None
       variables.append(_variables(state))

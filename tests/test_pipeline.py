@@ -85,6 +85,10 @@ def test_teachers_trained_with_another_backends_split_are_restored(tiny, finishe
   again = pipeline.train_and_evaluate(tiny, str(workdir), stages=("evaluate",))
   assert _numbers(again) == _numbers(result)
   assert not (workdir / "checkpoints" / "teachers").exists()
+  shutil.rmtree(workdir / "checkpoints" / "teachers_t4")  # the other split, unfinished
+  with pytest.raises(pipeline.StageNotReadyError, match="'teachers'"):
+    pipeline.train_and_evaluate(tiny, str(workdir), stages=("evaluate",))
+  assert not (workdir / "checkpoints" / "teachers_t4").exists()
 
 
 def test_same_seed_gives_identical_numbers(tiny, finished, tmp_path):
