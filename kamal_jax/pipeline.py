@@ -93,12 +93,16 @@ class Run:
     return state.replace(params={**state.params, "net": start["params"]},
                          batch_stats=start["batch_stats"])
 
+  def checkpoints(self, name: str) -> Path:
+    """The directory of the checkpoints of training stage `name`."""
+    return self.workdir / "checkpoints" / name
+
   def fit(self, name: str, stage: str, make_state, loss_fn, spec, frozen, batch_fn,
           cfg, labels, pretrained: bool = False, key=None) -> train.TrainState:
     """Trains (or restores) a stage from `make_state(key)` (key: by default drawn
     from the name); `pretrained`: its network starts from the backbone of
     config.models.pretrained, where that names one."""
-    directory = self.workdir / "checkpoints" / name
+    directory = self.checkpoints(name)
     key = self.key(name) if key is None else key
     state = train.restore_finished(directory, make_state, key, cfg.steps)
     if state is not None:
@@ -230,7 +234,7 @@ def train_supervised(run: Run, name: str, stage: str, module, spaces: dict,
     """The final variables of every one of `stages`, or None if one has not finished."""
     variables = []
     for stage_name, members in stages:
-      directory = run.workdir / "checkpoints" / stage_name
+      directory = run.checkpoints(stage_name)
       if not directory.is_dir():  # checked first: a checkpoint manager would create it
         return None
       state = train.restore_finished(directory, make_state, keys(members), cfg.steps)
@@ -241,7 +245,7 @@ def train_supervised(run: Run, name: str, stage: str, module, spaces: dict,
 
   stages = supervised_stages(name, names)
   other = supervised_stages(name, names, vectorized=len(stages) > 1)
-  started = lambda split: any((run.workdir / "checkpoints" / s).is_dir() for s, _ in split)
+  started = lambda split: any(run.checkpoints(s).is_dir() for s, _ in split)
   variables = None
   if other != stages and not started(stages) and started(other):
     variables = restored(other)  # None where it did not finish there: trained here
