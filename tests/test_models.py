@@ -145,14 +145,16 @@ def test_with_backbone_copies_all_but_the_head_into_every_stacked_network():
     models.with_backbone(tree(2, 5, 0.0), other)
 
 
-@pytest.mark.parametrize("shape, kernel, stride", [
-    ((2, 2, 2, 6), 3, 1),  # 2x2 out: a product on CPU
-    ((2, 3, 3, 4), 3, 2),  # 2x2 out from an odd size
-    ((2, 1, 1, 5), 3, 1),  # 1x1 out: only the kernel's centre sees the image
-    ((2, 2, 2, 3), 1, 2),  # a strided 1x1 shortcut
-    ((2, 8, 8, 3), 3, 1),  # 8x8 out: left to XLA's convolution
+@pytest.mark.parametrize("shape, kernel, stride, live_taps", [
+    ((2, 2, 2, 6), 3, 1, 9),  # 2x2 out: a product on CPU, every tap sees the image
+    ((2, 3, 3, 4), 3, 2, 9),  # 2x2 out from an odd size
+    ((2, 1, 1, 5), 3, 1, 1),  # 1x1 in: only the kernel's centre sees the image
+    ((2, 2, 2, 5), 3, 2, 4),  # 2x2 -> 1x1: the top row and left column read padding
+    ((2, 2, 2, 3), 1, 2, 1),  # a strided 1x1 shortcut
+    ((2, 8, 8, 3), 3, 1, None),  # 8x8 out: left to XLA's convolution
 ])
-def test_convolution_as_a_product_equals_xla_convolution_and_its_gradients(shape, kernel, stride):
+def test_convolution_as_a_product_equals_xla_convolution_and_its_gradients(
+    shape, kernel, stride, live_taps):
   rng = np.random.default_rng(0)
   x = rng.normal(size=shape).astype(np.float32)
   w = rng.normal(size=(kernel, kernel, shape[-1], 7)).astype(np.float32)
@@ -167,5 +169,8 @@ def test_convolution_as_a_product_equals_xla_convolution_and_its_gradients(shape
   for a, b in zip(square(ours)(x, w), square(xla)(x, w)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   product = jax.make_jaxpr(ours)(x, w)
-  uses_xla = "conv_general_dilated" in str(product)
-  assert uses_xla == (shape[1] == 8), product
+  names = [e.primitive.name for e in product.eqns]
+  assert ("conv_general_dilated" in names) == (live_taps is None), product
+  if live_taps:  # the product contracts only the taps that read the image
+    [dot] = [e for e in product.eqns if e.primitive.name == "dot_general"]
+    assert dot.invars[0].aval.shape[-1] == live_taps * shape[-1], product

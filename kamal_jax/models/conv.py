@@ -16,18 +16,32 @@ SMALL_OUTPUT = 4  # output pixels (H x W) up to which CPU convolutions are produ
 _LAYOUT = ("NHWC", "HWIO", "NHWC")
 
 
+def _live_taps(size: int, taps: int, stride: int, outputs: int, low: int) -> tuple:
+  """[first, last + 1) of the kernel offsets along one axis that read an input pixel
+  for some output (the input spans [low, low + size) of the padded axis). Offsets
+  outside only multiply padding: on maps smaller than the kernel's reach, e.g. 3x3
+  on 1x1, where only the centre counts."""
+  live = [i for i in range(taps)
+          if any(low <= i + stride * o < low + size for o in range(outputs))]
+  return live[0], live[-1] + 1
+
+
 def as_product(x: jnp.ndarray, kernel: jnp.ndarray, strides, padding) -> jnp.ndarray:
   """The convolution of x [B, H, W, C] with kernel [kh, kw, C, O] (explicit padding
-  pairs, no dilation) as patches [B, H', W', kh * kw * C] times kernel
-  [kh * kw * C, O]: [B, H', W', O]."""
+  pairs, no dilation) as patches [B, H', W', taps * C] times kernel [taps * C, O]:
+  [B, H', W', O], over the taps that read the image, not only its padding."""
   kh, kw, channels, outputs = kernel.shape
-  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
   (sh, sw), (height, width) = strides, x.shape[1:3]
-  rows, cols = (height - kh) // sh + 1, (width - kw) // sw + 1
+  (top, bottom), (left, right) = padding
+  rows = (height + top + bottom - kh) // sh + 1
+  cols = (width + left + right - kw) // sw + 1
+  (i0, i1), (j0, j1) = (_live_taps(height, kh, sh, rows, top),
+                        _live_taps(width, kw, sw, cols, left))
+  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
   patches = jnp.concatenate(
-      [x[:, i:i + sh * (rows - 1) + 1:sh, j:j + sw * (cols - 1) + 1:sw] for i in range(kh)
-       for j in range(kw)], axis=-1)  # (i, j, c) order, as the kernel's rows
-  return patches @ kernel.reshape(kh * kw * channels, outputs)
+      [x[:, i:i + sh * (rows - 1) + 1:sh, j:j + sw * (cols - 1) + 1:sw]
+       for i in range(i0, i1) for j in range(j0, j1)], axis=-1)  # (i, j, c) order
+  return patches @ kernel[i0:i1, j0:j1].reshape(-1, outputs)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
