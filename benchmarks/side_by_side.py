@@ -159,10 +159,13 @@ def jax_step(problem: Problem, start: "TorchAmalgamation", dtype: str = "float32
     state, metrics = step(state, frozen, batch)
     return jax.block_until_ready(metrics)
 
-  def flops() -> float:
-    cost = step.lower(*shapes).compile().cost_analysis()
-    return (cost[0] if isinstance(cost, list) else cost).get("flops", float("nan"))
-  return run, flops
+  return run, lambda: _flops(step.lower(*shapes))
+
+
+def _flops(lowered) -> float:
+  """FLOPs of a lowered program by XLA's cost analysis of its compiled form."""
+  cost = lowered.compile().cost_analysis()
+  return (cost[0] if isinstance(cost, list) else cost).get("flops", float("nan"))
 
 
 # --- PyTorch -----------------------------------------------------------------------
@@ -299,11 +302,13 @@ def torch_forward(problem: Problem):
 
 
 def jax_forward(problem: Problem):
-  """One jitted eval-mode forward of the first frozen network, waited for."""
+  """A callable running one jitted eval-mode forward of the first frozen network,
+  waited for, and one returning its FLOPs (as `jax_step`)."""
   module, variables = _flax(problem.frozen[0][0])
   forward = jax.jit(lambda v, x: module.apply(v, x, train=False))
   variables, x = jax.device_put((variables, problem.images))
-  return lambda: jax.block_until_ready(forward(variables, x))
+  return (lambda: jax.block_until_ready(forward(variables, x)),
+          lambda: _flops(forward.lower(variables, x)))
 
 
 # --- timing ------------------------------------------------------------------------
@@ -322,12 +327,14 @@ def setup(compilation_cache: str = "~/.cache/kamal_jax/jax"):
 def alternate(runs: dict, rounds: int, calls: int) -> dict:
   """Median seconds per call of each callable: one warm-up call each (compiles), then
   `rounds` rounds in which every callable runs `calls` times in turn, so slow phases
-  of a noisy machine hit all of them alike."""
+  of a noisy machine hit all of them alike; every other round in reverse order, so
+  no program always runs first."""
   for run in runs.values():
     run()
   times = {name: [] for name in runs}
-  for _ in range(rounds):
-    for name, run in runs.items():
+  for r in range(rounds):
+    for name in list(runs)[::1 if r % 2 == 0 else -1]:
+      run = runs[name]
       for _ in range(calls):
         start = time.perf_counter()
         run()

@@ -7,13 +7,18 @@ one teacher's eval-mode forward; the slope (least-squares seconds per added teac
 in units of that forward. Each added teacher costs its forward plus its two bridge
 sets (forward and backward on the network's side), so the slope is a little above 1.
 Table 2: the step with the method's selection ('least') and with a plain average
-over the teachers ('none'), alternating; the difference in percent of the step.
+over the teachers ('none'), alternating; the difference in percent of the step. A
+third step is the control: the plain average's weights made to depend on the
+ambiguity (plus zero times its sum), so its step waits for every teacher's logits
+before the weighted loss, as a selecting step must; what selection costs beyond that
+wait is 'least' against the control.
 """
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 import side_by_side as sbs
-from kamal_jax import report
+from kamal_jax import ambiguity, report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("size", "digits", list(sbs.SIZES), "Nets and batch.")
@@ -23,6 +28,17 @@ flags.DEFINE_integer("rounds", 5, "Alternating rounds.")
 flags.DEFINE_integer("calls", 5, "Calls per program per round.")
 flags.DEFINE_bool("record", False, "Also write the tables into benchmarks/RESULTS.md.")
 
+CONTROL = "none, waiting for the ambiguity"
+
+
+def _none_after_ambiguity(ambiguity_values, key, correct, temperature):
+  """The plain average's weights [B, K], computed after the ambiguity [K, B]."""
+  k, b = ambiguity_values.shape
+  return jnp.full((b, k), 1.0 / k) + 0.0 * jnp.sum(ambiguity_values)
+
+
+ambiguity.RULES[CONTROL] = _none_after_ambiguity  # the step looks rules up by name
+
 
 def main(argv):
   del argv
@@ -30,31 +46,43 @@ def main(argv):
   size = sbs.SIZES[FLAGS.size]
   ks = [int(k) for k in FLAGS.ks]
   problems = {k: sbs.stage1(size, k) for k in ks}
-  runs = {f"K={k}": sbs.steps(problem)["jax"] for k, problem in problems.items()}
-  runs["forward"] = sbs.jax_forward(problems[ks[0]])
+  steps = {k: sbs.jax_step(problem, sbs.TorchAmalgamation(problem))
+           for k, problem in problems.items()}
+  runs = {f"K={k}": run for k, (run, _) in steps.items()}
+  runs["forward"], forward_flops = sbs.jax_forward(problems[ks[0]])
   runs["torch forward"] = sbs.torch_forward(problems[ks[0]])
   times = sbs.alternate(runs, FLAGS.rounds, FLAGS.calls)
   step_times = [times[f"K={k}"] for k in ks]
   slope = np.polyfit(ks, step_times, 1)[0]
   forward = times["forward"]
-  rows = [[k, f"{1e3 * t:.1f}", f"{t / forward:.1f}"] for k, t in zip(ks, step_times)]
-  scaling = report.table(["K", "step ms", "step / forward"], rows)
+  # Work, as XLA counts it: an added teacher brings its forward and its bridges' and
+  # losses' share, so the time slope is read against this one.
+  step_flops, forward_flops = [steps[k][1]() for k in ks], forward_flops()
+  flop_slope = np.polyfit(ks, step_flops, 1)[0]
+  rows = [[k, f"{1e3 * t:.1f}", f"{t / forward:.1f}", f"{f / 1e9:.2f}", f"{f / forward_flops:.1f}"]
+          for k, t, f in zip(ks, step_times, step_flops)]
+  scaling = report.table(["K", "step ms", "step / forward", "step GFLOP",
+                          "step / forward GFLOP"], rows)
 
   k = FLAGS.selection_k
   problem = sbs.stage1(size, k)
-  selection = sbs.alternate({rule: sbs.steps(problem, rule)["jax"] for rule in ("least", "none")},
-                            FLAGS.rounds, FLAGS.calls)
-  overhead = (selection["least"] - selection["none"]) / selection["least"]
+  selection = sbs.alternate({rule: sbs.steps(problem, rule)["jax"]
+                             for rule in ("least", "none", CONTROL)}, FLAGS.rounds, FLAGS.calls)
+  percent = lambda a, b: f"{100 * (selection[a] - selection[b]) / selection[a]:+.1f}%"
   text = (f"### Stage-1 step: scaling in K, selection overhead ({FLAGS.size})\n\n{sbs.header()}\n\n"
           f"`python benchmarks/stage1_scaling.py --size={FLAGS.size} --ks={','.join(FLAGS.ks)}`, "
           f"batch {size.batch}, "
           f"medians of {FLAGS.rounds} x {FLAGS.calls} calls, alternating.\n\n{scaling}\n\n"
           f"One teacher forward: {1e3 * forward:.2f} ms (PyTorch: {1e3 * times['torch forward']:.2f} ms). "
           f"Slope: **{1e3 * slope:.2f} ms per added teacher = {slope / forward:.2f} teacher "
-          f"forwards**.\n\n"
-          + report.table(["K", "selection ('least') ms", "plain average ('none') ms", "overhead"],
+          f"forwards** of time; of work (XLA's FLOP count, forward {forward_flops / 1e9:.2f} "
+          f"GFLOP), an added teacher is {flop_slope / forward_flops:.2f} forwards.\n\n"
+          + report.table(["K", "selection ('least') ms", "plain average ('none') ms",
+                          "overhead", "control ms", "waiting for the ambiguity",
+                          "selection beyond the wait"],
                          [[k, f"{1e3 * selection['least']:.2f}", f"{1e3 * selection['none']:.2f}",
-                           f"{100 * overhead:+.1f}%"]]))
+                           percent("least", "none"), f"{1e3 * selection[CONTROL]:.2f}",
+                           percent(CONTROL, "none"), percent("least", CONTROL)]]))
   sbs.publish(f"stage1_scaling_{FLAGS.size}", text, FLAGS.record)
 
 
