@@ -174,3 +174,10 @@ def test_convolution_as_a_product_equals_xla_convolution_and_its_gradients(
   if live_taps:  # the product contracts only the taps that read the image
     [dot] = [e for e in product.eqns if e.primitive.name == "dot_general"]
     assert dot.invars[0].aval.shape[-1] == live_taps * shape[-1], product
+
+
+def test_a_product_whose_output_reads_only_padding_is_zeros():
+  x = np.ones((2, 1, 1, 3), np.float32)  # stride 3 over [pad, pixel, pad] reads the pad
+  w = np.ones((1, 1, 3, 4), np.float32)
+  out = models.conv.as_product(x, w, (3, 3), ((1, 1), (1, 1)))
+  np.testing.assert_array_equal(out, np.zeros((2, 1, 1, 4)))

@@ -23,6 +23,7 @@ def _live_taps(size: int, taps: int, stride: int, outputs: int, low: int) -> tup
   on 1x1, where only the centre counts."""
   live = [i for i in range(taps)
           if any(low <= i + stride * o < low + size for o in range(outputs))]
+  live = live or [0]  # no offset reads the image: the output is zeros, as any one gives
   return live[0], live[-1] + 1
 
 
