@@ -26,6 +26,9 @@ flags.DEFINE_list("ks", ["1", "2", "4", "8"], "Teachers per group.")
 flags.DEFINE_integer("selection_k", 4, "Teachers in the selection on/off comparison.")
 flags.DEFINE_integer("rounds", 5, "Alternating rounds.")
 flags.DEFINE_integer("calls", 5, "Calls per program per round.")
+flags.DEFINE_integer("selection_rounds", 15,
+                     "Alternating rounds of the selection comparison: it measures a few "
+                     "percent, so it needs more than the scaling table.")
 flags.DEFINE_bool("record", False, "Also write the tables into benchmarks/RESULTS.md.")
 
 CONTROL = "none, waiting for the ambiguity"
@@ -67,7 +70,8 @@ def main(argv):
   k = FLAGS.selection_k
   problem = sbs.stage1(size, k)
   selection = sbs.alternate({rule: sbs.steps(problem, rule)["jax"]
-                             for rule in ("least", "none", CONTROL)}, FLAGS.rounds, FLAGS.calls)
+                             for rule in ("least", "none", CONTROL)},
+                            FLAGS.selection_rounds, FLAGS.calls)
   percent = lambda a, b: f"{100 * (selection[a] - selection[b]) / selection[a]:+.1f}%"
   text = (f"### Stage-1 step: scaling in K, selection overhead ({FLAGS.size})\n\n{sbs.header()}\n\n"
           f"`python benchmarks/stage1_scaling.py --size={FLAGS.size} --ks={','.join(FLAGS.ks)}`, "
@@ -77,6 +81,8 @@ def main(argv):
           f"Slope: **{1e3 * slope:.2f} ms per added teacher = {slope / forward:.2f} teacher "
           f"forwards** of time; of work (XLA's FLOP count, forward {forward_flops / 1e9:.2f} "
           f"GFLOP), an added teacher is {flop_slope / forward_flops:.2f} forwards.\n\n"
+          f"Selection, K={k}: medians of {FLAGS.selection_rounds} x {FLAGS.calls} calls, "
+          f"alternating.\n\n"
           + report.table(["K", "selection ('least') ms", "plain average ('none') ms",
                           "overhead", "control ms", "waiting for the ambiguity",
                           "selection beyond the wait"],
