@@ -56,7 +56,8 @@ def main(argv):
       f"{jax.devices()[0].device_kind}; Python {sys.version.split()[0]}, jax "
       f"{jax.__version__}, flax {flax.__version__}, optax {optax.__version__}.  ",
       "Columns: mean teacher accuracy on its parts; mean component accuracy; the "
-      "student's (or ensemble's) mean per-part and joint accuracy; the accuracy of "
+      "student's (or ensemble's) mean per-part and joint accuracy; the components' "
+      "joint accuracy (`joint.decide`); the accuracy of "
       "the selection-weighted teacher logits (the stage-1 target) and the weight on "
       "each image's own-domain teacher, on the parts' test images; student "
       "parameters; seconds of the run after the (shared) teachers."])

@@ -89,6 +89,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       bridge_widths=(8, 8, 16, 32, 64), weight_norm=1.0,
       feature_weight=1.0,  # 0: logits alone
       logit_loss="mse", kd_temperature=4.0,  # 'kd': KL of softmaxes at that T
+      # Components can also learn the teachers' mass outside the part as one more
+      # output, which tells the parts apart (kamal_jax.joint): 'mean' (agreed by the
+      # group's teachers), 'own' (each selected teacher's) or 'none' (the paper's).
+      rest="none",
       optimizer=optimizer(1e-3, bridge_learning_rate=2e-3)))
   # The student: from the components, or (single_stage, supervised) directly.
   c.stage2 = ml_collections.ConfigDict(dict(

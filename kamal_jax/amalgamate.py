@@ -18,6 +18,10 @@ divergence, and the batch loss mean_b sum_k w[b, k] L[k, b] + lambda * WN(T), wh
 selection rule gives the weights w (one-hot on the least ambiguous teacher for the
 method; see `ambiguity.RULES`).
 
+With a `rest`, z_k carries one more logit, the teacher's mass outside the part
+(`joint.rest_logit`; 'mean': agreed by the group's teachers), which a component
+learns as an extra output.
+
 Trainable parameters: {'net': the network, 'groups': {str(g): {
   'net_bridges': [K] bridge sets S_k on the network's features,
   'frozen_bridges': per stack s, [K_s] bridge sets T_k on its networks' features
@@ -31,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kamal_jax import ambiguity, losses
+from kamal_jax import ambiguity, joint, losses
 from kamal_jax.models import Bridges
 from kamal_jax.teachers import map_stacked, stacked_apply
 
@@ -51,6 +55,7 @@ class Amalgamation:
   feature_weight: float = 1.0  # 0 leaves logit distillation alone
   logit_loss: str = "mse"  # 'mse' (the method) or 'kd'
   kd_temperature: float = 4.0
+  rest: str = "none"  # 'none', or the targets carry a rest logit: joint.RESTS
 
 
 LOGIT_LOSSES = {
@@ -92,7 +97,7 @@ def _resized(feats: tuple, like: tuple) -> tuple:
 
 def _frozen_targets(spec: Amalgamation, g: int, params, frozen, x, feats, outputs):
   """The group's frozen networks on x, stack by stack, joined along K: restricted
-  logits [K, B, P], feature targets ([K, B, H, W, c] per tap, at the network's tap
+  logits [K, B, P] ([K, B, P + 1] with the rest logit), feature targets ([K, B, H, W, c] per tap, at the network's tap
   sizes) and the weight-norm penalty of the frozen-side bridges. `outputs`: the
   stacks' outputs on x computed beforehand ([B, K_s, ...]), or None to run them."""
   logits, targets, weight_norm = [], [], jnp.zeros(())
@@ -101,7 +106,10 @@ def _frozen_targets(spec: Amalgamation, g: int, params, frozen, x, feats, output
       out = jax.lax.stop_gradient(stacked_apply(module, stack["nets"], x, in_step=True))
     else:
       out = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), outputs[s])
-    logits.append(jnp.take_along_axis(out.logits, stack["index"][:, None, :], axis=-1))
+    if spec.rest != "none":
+      logits.append(joint.rest_logit(out.logits, stack["index"], stack["outside"]))
+    else:
+      logits.append(jnp.take_along_axis(out.logits, stack["index"][:, None, :], axis=-1))
     if spec.frozen_bridges:
       bridges = params["frozen_bridges"][s]
       targets.append(_bridge(spec.bridge_widths, bridges, out.feats, True))
@@ -110,24 +118,31 @@ def _frozen_targets(spec: Amalgamation, g: int, params, frozen, x, feats, output
     else:
       targets.append(out.feats)
   joined = tuple(jnp.concatenate(taps) for taps in zip(*(_resized(t, feats) for t in targets)))
-  return jnp.concatenate(logits), joined, weight_norm
+  logits = jnp.concatenate(logits)
+  if spec.rest != "none":
+    logits = joint.RESTS[spec.rest](logits)
+  return logits, joined, weight_norm
 
 
 def _group_loss(spec: Amalgamation, g: int, params, frozen, x, logits, feats, key,
                 labels, outputs):
-  """Group g's term: logits [B, P] and feats of the network; labels [B] (positions
-  in the part, -1 outside it) only for the oracle rule; outputs: see
-  `_frozen_targets`. Returns (loss, metrics)."""
+  """Group g's term: logits [B, H] of the network's head (H = P, or P + 1 where a
+  component learns the rest logit too) and its feats; labels [B] (positions in the
+  part, -1 outside it) only for the oracle rule; outputs: see `_frozen_targets`.
+  Returns (loss, metrics)."""
   target, targets, weight_norm = _frozen_targets(spec, g, params, frozen, x, feats, outputs)
-  amb = ambiguity.get(spec.ambiguity)(target)  # [K, B]
-  correct = None if labels is None else jnp.argmax(target, axis=-1) == labels[None]  # [K, B]
+  part_size = frozen["stacks"][0]["index"].shape[-1]
+  amb = ambiguity.get(spec.ambiguity)(target[..., :part_size])  # [K, B]
+  correct = None if labels is None else (
+      jnp.argmax(target[..., :part_size], axis=-1) == labels[None])  # [K, B]
   weights = ambiguity.weights(spec.selection, amb, key=key, correct=correct,
                               temperature=spec.temperature)  # [B, K]
 
   predicted = _bridge(spec.bridge_widths, params["net_bridges"], feats, False)
   feature = _feature_mse(predicted, targets)  # [K, B]
-  scaled = params["logit_scale"][:, None, None] * logits[None]  # [K, B, P]
-  logit = LOGIT_LOSSES[spec.logit_loss](scaled, target, spec.kd_temperature)  # [K, B]
+  scaled = params["logit_scale"][:, None, None] * logits[None]  # [K, B, H]
+  regressed = target[..., :logits.shape[-1]]  # the part's logits (and the rest)
+  logit = LOGIT_LOSSES[spec.logit_loss](scaled, regressed, spec.kd_temperature)  # [K, B]
 
   loss = (losses.masked_mean(spec.feature_weight * feature + logit, weights)
           + spec.weight_norm * weight_norm)
@@ -145,7 +160,9 @@ def amalgamation_loss(spec: Amalgamation, params, batch_stats, frozen, batch):
   """The loss of one step.
 
   frozen: {'groups': {str(g): {'stacks': [{'nets': stacked variables [K_s, ...],
-  'index': [K_s, P] logit positions of the part in each network}, one per stack]}}}.
+  'index': [K_s, P] logit positions of the part in each network, 'outside': [K_s, C_s]
+  bool, the classes of the head that holds the part, but the part's (read where
+  spec.rest)}, one per stack]}}}.
   batch: {'image': [B, H, W, C]}, plus 'key' (raw PRNG key data) for the random
   rule and 'label' ([B, G]: each image's position in head g's part, -1 outside it)
   for the oracle rule (no other stage-1 or stage-2 batch carries labels); plus

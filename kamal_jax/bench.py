@@ -25,6 +25,10 @@ class Variant:
 
 VARIANTS = {
     "least-entropy": Variant({}, "the method"),
+    "rest-mean": Variant({"stage1.rest": "mean"},
+                         "components learn their group's agreed rest logit"),
+    "rest-own": Variant({"stage1.rest": "own"},
+                        "components learn the selected teacher's rest logit"),
     "least-margin": Variant({"stage1.ambiguity": "margin"}),
     "least-max-prob": Variant({"stage1.ambiguity": "max_prob"}),
     "none": Variant({"stage1.selection": "none"}, "every teacher, equal weights"),
@@ -58,6 +62,7 @@ COLUMNS = {  # column -> how to read it from a report (None: not applicable)
     "components": _components,
     "student per part": lambda r: np.mean(list(r["student"]["accuracy_per_part"].values())),
     "student joint": lambda r: r["student"]["accuracy_joint"],
+    "components joint": lambda r: r.get("components_joint"),
     "target accuracy": _selection("target_accuracy"),
     "own-domain weight": _selection("selected_own_domain"),
     "params": lambda r: r["student"]["params"],

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from kamal_jax import ambiguity, data, tasks
+from kamal_jax import ambiguity, data, joint, tasks
 from kamal_jax.teachers import stacked_apply
 from kamal_jax.train.step import AXIS, replicate
 
@@ -64,11 +64,6 @@ def accuracy(logits: np.ndarray, targets: np.ndarray) -> float:
   return float(np.mean(np.argmax(logits, axis=-1) == targets))
 
 
-@functools.partial(jax.jit, static_argnames="measure")
-def _ambiguity(logits, measure: str):
-  return ambiguity.get(measure)(logits)
-
-
 @functools.partial(jax.jit, static_argnames=("rule", "measure", "temperature"))
 def _weights(restricted, correct, key, rule: str, measure: str, temperature: float):
   return ambiguity.weights(rule, ambiguity.get(measure)(restricted), key=key,
@@ -103,35 +98,25 @@ def selection_stats(restricted: np.ndarray, weights: np.ndarray, targets: np.nda
           "selected_own_domain": float(np.sum((weights * own)[inside]) / inside.sum())}
 
 
-def joint_accuracies(student_logits: np.ndarray, head_sizes, targets: np.ndarray,
-                     measure: str) -> dict[str, float]:
-  """Accuracy over the whole target label space, by two rules:
-
-  'argmax': argmax over all heads' concatenated logits (the plain rule);
-  'least_ambiguous_head': the head whose softmax is least ambiguous answers, with its
-  own argmax. Heads are trained separately, so their logit scales need not agree;
-  comparing their confidences instead sidesteps that.
-  """
-  bounds = np.cumsum((0,) + tuple(head_sizes))
-  heads = [student_logits[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-  amb = np.stack([np.asarray(_ambiguity(h, measure)) for h in heads])  # [G, N]
-  head = np.argmin(amb, axis=0)
-  within = np.stack([np.argmax(h, axis=-1) for h in heads])  # [G, N]
-  prediction = bounds[head] + within[head, np.arange(len(head))]
-  return {"argmax": accuracy(student_logits, targets),
-          "least_ambiguous_head": float(np.mean(prediction == targets))}
+def joint_accuracy(logits: np.ndarray, head_sizes, targets: np.ndarray,
+                   rest: bool = False) -> float:
+  """The accuracy of the joint rule (`joint.decide`) over all target classes; targets
+  [N] are positions in the parts' classes laid side by side."""
+  return float(np.mean(np.asarray(joint.decide(logits, head_sizes, rest)) == targets))
 
 
 def score(plan: tasks.AmalgamationPlan, heads, labels: np.ndarray,
           teacher_logits: dict[str, np.ndarray], component_logits: list | None,
-          student_logits: np.ndarray, measure: str) -> dict:
+          student_logits: np.ndarray) -> dict:
   """The accuracies of the report on one labelled split.
 
   heads, labels [N, H]: the dataset's label heads and each image's class in each
   (see `tasks.label_positions`). teacher_logits: {name: [N, C_t]}; component_logits: G arrays [N, P_g] (None where
-  the pipeline has no components); student_logits: [N, sum P]. Teachers, components and
-  the student's head g are scored on the images of part g, each by argmax over the
-  part's classes.
+  the pipeline has no components; [N, P_g + 1] where they learned the rest logit);
+  student_logits: [N, sum P]. Teachers, components and the student's head g are scored
+  on the images of part g, each by argmax over the part's classes; the student and
+  the components together on every image of the target by the joint rule
+  (`joint.decide`), where the parts are exclusive.
   """
   teachers = {name: {"name": name, "classes": list(space.classes),
                      "accuracy_per_part": {}, "accuracy": None}
@@ -150,7 +135,7 @@ def score(plan: tasks.AmalgamationPlan, heads, labels: np.ndarray,
         "name": group.part.name, "classes": list(group.part.classes),
         "teachers": list(group.teachers),
         "accuracy": None if component_logits is None else accuracy(
-            component_logits[g][inside], targets)})
+            component_logits[g][inside][:, :len(group.part.classes)], targets)})
     per_part[group.part.name] = accuracy(
         student_logits[inside][:, bounds[g]:bounds[g + 1]], targets)
   for entry in teachers.values():
@@ -158,18 +143,21 @@ def score(plan: tasks.AmalgamationPlan, heads, labels: np.ndarray,
     if parts:  # over the parts it covers, weighted by their test images
       entry["accuracy"] = float(np.average(list(parts.values()),
                                            weights=[counts[p] for p in parts]))
-  joint = {"argmax": None, "least_ambiguous_head": None}  # parts not exclusive
+  student_joint = components_joint = None  # parts not exclusive: no joint question
   if tasks.shared_head(heads, plan.parts):
     targets = tasks.label_positions(labels, heads, plan.target_classes)
     inside = targets >= 0
-    joint = joint_accuracies(student_logits[inside], plan.head_sizes, targets[inside],
-                             measure)
+    student_joint = joint_accuracy(student_logits[inside], plan.head_sizes, targets[inside])
+    if component_logits is not None:
+      sizes = [c.shape[-1] for c in component_logits]
+      components_joint = joint_accuracy(
+          np.concatenate(component_logits, axis=-1)[inside], sizes, targets[inside],
+          rest=sum(sizes) > len(plan.target_classes))
   return {
       "teachers": list(teachers.values()),
       "components": components,
-      "student": {"accuracy_per_part": per_part,
-                  "accuracy_joint": joint["argmax"],
-                  "accuracy_joint_least_ambiguous_head": joint["least_ambiguous_head"]},
+      "components_joint": components_joint,
+      "student": {"accuracy_per_part": per_part, "accuracy_joint": student_joint},
   }
 
 

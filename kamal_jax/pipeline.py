@@ -22,8 +22,8 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from kamal_jax import (ambiguity, amalgamate, compilation, data, evaluate, files, models,
-                       report, tasks, teachers, train)
+from kamal_jax import (ambiguity, amalgamate, compilation, data, evaluate, files, joint,
+                       models, report, tasks, teachers, train)
 
 STAGES = ("teachers", "stage1", "stage2", "evaluate")
 PIPELINES = ("two_stage", "single_stage", "ensemble", "supervised")
@@ -138,6 +138,12 @@ def _teacher_arch(config: ml_collections.ConfigDict, num_outputs: int, arch: str
   """The teachers' architecture (config.models.teacher), which the components share."""
   cfg = config.models
   return models.create(arch or cfg.teacher, num_outputs, cfg.teacher_width_scale, cfg.dtype)
+
+
+def _component_arch(config: ml_collections.ConfigDict, group: tasks.Group):
+  """A component: the teachers' architecture with one output per class of its part,
+  and one more for the rest logit where stage1.rest keeps it."""
+  return _teacher_arch(config, len(group.part.classes) + (config.stage1.rest != "none"))
 
 
 def _student_arch(run: Run):
@@ -287,7 +293,8 @@ def _amalgamation(run: Run, net, head_sizes, frozen_nets, **overrides) -> amalga
   settings = dict(bridge_widths=tuple(cfg.bridge_widths), selection=cfg.selection,
                   ambiguity=cfg.ambiguity, temperature=cfg.temperature,
                   weight_norm=cfg.weight_norm, feature_weight=cfg.feature_weight,
-                  logit_loss=cfg.logit_loss, kd_temperature=cfg.kd_temperature)
+                  logit_loss=cfg.logit_loss, kd_temperature=cfg.kd_temperature,
+                  rest=cfg.rest)
   return amalgamate.Amalgamation(net=net, frozen_nets=tuple(frozen_nets),
                                  head_sizes=tuple(head_sizes), **dict(settings, **overrides))
 
@@ -360,12 +367,15 @@ def _amalgamate(run: Run, name: str, stage: str, spec, frozen, parts, pool, cfg,
   return _variables(state)
 
 
-def _group_frozen(pool: list[teachers.TeacherStack], group: tasks.Group):
+def _group_frozen(plan: tasks.AmalgamationPlan, pool: list[teachers.TeacherStack],
+                  group: tasks.Group):
   """A group's teachers as amalgamation inputs: their architectures, one per stack,
-  and {'stacks': [{'nets', 'index'}]}."""
+  and {'stacks': [{'nets', 'index', 'outside'}]}."""
   subs = teachers.sub_stacks(pool, group.teachers)
   ends = np.cumsum([len(s.names) for s in subs])[:-1]
-  stacks = [{"nets": s.variables, "index": index}
+  stacks = [{"nets": s.variables, "index": index,
+             "outside": np.stack([plan.label_spaces[n].outside(group.part.classes)
+                                  for n in s.names])}
             for s, index in zip(subs, np.split(group.index, ends))]
   return tuple(s.module for s in subs), {"stacks": stacks}
 
@@ -376,9 +386,9 @@ def amalgamate_groups(run: Run, pool: list[teachers.TeacherStack]) -> list[dict]
   reference)."""
   components = []
   for group in run.plan.groups:
-    modules, frozen = _group_frozen(pool, group)
-    spec = _amalgamation(run, _teacher_arch(run.config, len(group.part.classes)),
-                         (len(group.part.classes),), (modules,))
+    modules, frozen = _group_frozen(run.plan, pool, group)
+    net = _component_arch(run.config, group)
+    spec = _amalgamation(run, net, (net.num_outputs,), (modules,))
     components.append(_amalgamate(
         run, f"stage1_{group.part.name}", "stage1", spec, {"groups": {"0": frozen}},
         [group.part], _pool(run, group.part.classes), run.config.stage1,
@@ -401,19 +411,20 @@ def train_student(run: Run, pool: list[teachers.TeacherStack], components) -> di
                              {"student": None}, cfg)
     return teachers.take(stack.variables, 0)
   if run.config.pipeline == "single_stage":
-    modules, frozen = zip(*(_group_frozen(pool, group) for group in plan.groups))
+    modules, frozen = zip(*(_group_frozen(plan, pool, group) for group in plan.groups))
     spec = _amalgamation(run, student, plan.head_sizes, modules)
     frozen = {"groups": {str(g): f for g, f in enumerate(frozen)}}
     labels = {str(g): group.teachers for g, group in enumerate(plan.groups)}
   else:  # two_stage: head g regresses component g on every image, no selection
-    modules = [_teacher_arch(run.config, size) for size in plan.head_sizes]
+    modules = [_component_arch(run.config, group) for group in plan.groups]
     spec = _amalgamation(run, student, plan.head_sizes, [(m,) for m in modules],
                          bridge_widths=tuple(modules[0].widths), frozen_bridges=False,
                          selection="least", feature_weight=1.0, logit_loss="mse")
-    frozen = {"groups": {str(g): {"stacks": [{
+    frozen = {"groups": {str(g): {"stacks": [{  # a component's rest is its last output
         "nets": teachers.stack_variables([c]),
-        "index": np.arange(len(group.part.classes), dtype=np.int32)[None]}]}
-        for g, (c, group) in enumerate(zip(components, plan.groups))}}
+        "index": np.arange(len(group.part.classes), dtype=np.int32)[None],
+        "outside": (np.arange(m.num_outputs) >= len(group.part.classes))[None]}]}
+        for g, (c, m, group) in enumerate(zip(components, modules, plan.groups))}}
     labels = {str(g): (group.part.name,) for g, group in enumerate(plan.groups)}
   return _amalgamate(run, "stage2", "stage2", spec, frozen, plan.parts,
                      _pool(run, plan.target_classes), cfg, labels)
@@ -466,7 +477,7 @@ def evaluate_all(run: Run, pool: list[teachers.TeacherStack], components, studen
   cfg, plan = run.config, run.plan
   teacher_logits = _teacher_logits(run, pool, run.test_indices)
   component_logits = [
-      _predict(run, _teacher_arch(cfg, len(g.part.classes)), c, run.test_indices)
+      _predict(run, _component_arch(cfg, g), c, run.test_indices)
       for g, c in zip(plan.groups, components)] or None
   teacher_params = {n: train.count_params(teachers.take(s.variables, i)["params"])
                     for s in pool for i, n in enumerate(s.names)}
@@ -479,8 +490,7 @@ def evaluate_all(run: Run, pool: list[teachers.TeacherStack], components, studen
     student_logits = _predict(run, _student_arch(run), student, run.test_indices)
     student_params, forwards = train.count_params(student["params"]), 1
   result = evaluate.score(plan, run.dataset.heads, run.dataset.labels[run.test_indices],
-                          teacher_logits, component_logits, student_logits,
-                          cfg.stage1.ambiguity)
+                          teacher_logits, component_logits, student_logits)
   result["student"].update(params=student_params, inference_forwards=forwards)
   for entry in result["teachers"]:
     entry["params"] = teacher_params[entry["name"]]
@@ -527,7 +537,8 @@ def validate(config: ml_collections.ConfigDict):
   choices = {"pipeline": (config.pipeline, PIPELINES),
              "data.pool": (config.data.pool, ("all", "reference")),
              "stage1.selection": (config.stage1.selection, tuple(ambiguity.RULES)),
-             "stage1.logit_loss": (config.stage1.logit_loss, tuple(amalgamate.LOGIT_LOSSES))}
+             "stage1.logit_loss": (config.stage1.logit_loss, tuple(amalgamate.LOGIT_LOSSES)),
+             "stage1.rest": (config.stage1.rest, ("none",) + tuple(joint.RESTS))}
   for name, (value, allowed) in choices.items():
     if value not in allowed:
       raise ValueError(f"{name}={value!r}: use one of {list(allowed)}.")

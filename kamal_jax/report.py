@@ -31,8 +31,9 @@ def summary(result: dict) -> str:
   student_name = "ensemble" if pipeline == "ensemble" else "student"
   joint = "parts not exclusive: no joint accuracy"  # e.g. one head per attribute
   if student["accuracy_joint"] is not None:
-    joint = (f"joint accuracy {student['accuracy_joint']:.4f} (least-ambiguous head: "
-             f"{student['accuracy_joint_least_ambiguous_head']:.4f})")
+    joint = f"joint accuracy {student['accuracy_joint']:.4f}"
+    if result.get("components_joint") is not None:
+      joint += f" (components together: {result['components_joint']:.4f})"
   lines = [table(["part", "classes", "teachers", "component", student_name], rows), "",
            f"{pipeline}: {student_name} {joint}; {student['params']:,} params, "
            f"{student['inference_forwards']} forward(s) per image"]
@@ -67,8 +68,10 @@ def markdown(result: dict, plots: list[str]) -> str:
   return "\n\n".join([
       "# kamal_jax report", "## Summary", summary(result),
       "Accuracies are on the held-out test split; each network is scored on the test "
-      "images of a part by argmax over that part's classes. The joint accuracy takes "
-      "the argmax over all the student's heads on every test image of the target.",
+      "images of a part by argmax over that part's classes. The joint accuracy scores "
+      "the joint rule on every test image of the target: the argmax over all the "
+      "student's heads side by side (for the components, each head first normalised "
+      "over its classes and its rest logit).",
       "## Teachers", teachers,
       "## What each part learns from",
       "The selection rule's mean weight per teacher on the part's stage-1 pool; the "

@@ -47,6 +47,18 @@ class LabelSpace:
       offset += len(head.classes)
     return None
 
+  def outside(self, classes: Sequence[str]) -> np.ndarray:
+    """[C] bool: the classes of the head that holds all of `classes`, but those (a
+    teacher's knowledge of what an image is, if not one of them)."""
+    offset = 0
+    mask = np.zeros(self.num_outputs, bool)
+    for head in self.heads:
+      if all(c in head.classes for c in classes):
+        mask[offset:offset + len(head.classes)] = [c not in classes for c in head.classes]
+        return mask
+      offset += len(head.classes)
+    raise ValueError(f"No head holds all of {list(classes)}.")
+
 
 def attribute_head(attribute: str) -> Head:
   """A binary attribute as a 2-way head: logit 0 is 'absent', logit 1 'present'."""

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kamal_jax import amalgamate, evaluate, models, teachers, train
+from kamal_jax import amalgamate, evaluate, joint, models, teachers, train
 from kamal_jax.train import replicate, unreplicate
 
 BATCH = 16
@@ -239,3 +239,35 @@ def test_student_head_g_learns_from_group_g_only(tiny):
   np.testing.assert_array_equal(kernel_after[:, 3:], kernel_before[:, 3:])
   assert "frozen_bridges" not in new.params["groups"]["0"]
   assert metrics["0/weight_norm"] == 0.0 and metrics["1/feature_loss"] > 0
+
+
+def test_a_component_learns_the_groups_agreed_rest_logit(tiny):
+  """With stage1.rest='mean' the component's fourth output regresses the rest logit
+  (the teacher's mass on its class outside the part) agreed by both teachers."""
+  module, nets = _teacher_stack(tiny, (50.0, 0.0))
+  spec = amalgamate.Amalgamation(
+      net=models.create(tiny.models.teacher, 4, tiny.models.teacher_width_scale),
+      frozen_nets=((module,),), head_sizes=(4,),
+      bridge_widths=tuple(tiny.stage1.bridge_widths), rest="mean")
+  index = np.tile(np.arange(3, dtype=np.int32), (2, 1))
+  outside = np.tile(np.array([False, False, False, True]), (2, 1))
+  frozen = {"groups": {"0": {"stacks": [{"nets": nets, "index": index,
+                                         "outside": outside}]}}}
+  state = _state(spec, frozen, tiny.stage1.optimizer)
+  devices = jax.local_devices()[:1]
+  loss_fn = jax.pmap(lambda p, s, f, b: amalgamate.amalgamation_loss(spec, p, s, f, b),
+                     axis_name=train.AXIS, devices=devices)
+  replicated = [replicate(t, devices) for t in (state.params, state.batch_stats, frozen)]
+  _, (metrics, _) = jax.device_get(loss_fn(*replicated, {"image": IMAGES[None]}))
+
+  logits = teachers.stacked_apply(module, nets, IMAGES, in_step=False).logits  # [2, B, 4]
+  target = joint.mean_rest(joint.rest_logit(logits, index, outside))  # [2, B, 4]
+  net_logits = jax.pmap(
+      lambda p, s: spec.net.apply({"params": p["net"], "batch_stats": s}, IMAGES,
+                                  train=True, mutable=["batch_stats"])[0].logits,
+      axis_name=train.AXIS, devices=devices)(*replicated[:2])[0]  # [B, 4]
+  selected = target[0]  # teacher 0 is sure, teacher 1 uniform
+  expected = np.mean((net_logits - selected) ** 2)  # logit scales start at 1
+  np.testing.assert_allclose(metrics["0/logit_loss"][0], expected, rtol=1e-4)
+  masses = jax.nn.softmax(target, axis=-1)[..., -1]  # [2, B]: the teachers agree
+  np.testing.assert_allclose(masses[0], masses[1], rtol=1e-4)

@@ -88,6 +88,7 @@ CASES = [
     ("unknown ambiguity measure", "{tiny} --config.stage1.ambiguity=variance",
      r"ambiguity.*'variance'"),
     ("unknown selection rule", "{tiny} --config.stage1.selection=best", r"stage1.selection='best'"),
+    ("unknown rest", "{tiny} --config.stage1.rest=all", r"stage1.rest='all': use one of"),
     ("unknown pipeline", "{tiny} --config.pipeline=three_stage", r"pipeline='three_stage'"),
     ("unknown dataset", "{tiny} --config.data.name=imagenet", r"Unknown dataset 'imagenet'"),
     ("unknown model", "{tiny} --config.models.teacher=vgg16", r"Unknown model 'vgg16'"),

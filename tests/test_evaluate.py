@@ -1,8 +1,8 @@
-"""Scoring: selection statistics, the ensemble, the joint rules."""
+"""Scoring: selection statistics, the ensemble, the joint accuracies."""
 import jax
 import numpy as np
 
-from kamal_jax import evaluate
+from kamal_jax import evaluate, tasks
 
 
 
@@ -41,9 +41,19 @@ def test_ensemble_log_probs_average_softmaxes_per_part():
   assert got.shape == (5, 5)
 
 
-def test_joint_rules():
-  logits = np.array([[5.0, 0.0, 0.0, 6.0, 0.0, 0.0],    # head 1 louder, both peaked
-                     [1.0, 0.9, 0.8, 0.0, 3.0, 0.0]])   # head 2 surer
-  got = evaluate.joint_accuracies(logits, (3, 3), np.array([0, 4]), "entropy")
-  assert got["argmax"] == 0.5
-  assert got["least_ambiguous_head"] == 0.5
+def test_score_puts_the_components_together_by_their_rests():
+  plan = tasks.make_plan({"a": ["0", "1"], "b": ["2", "3"]},
+                         {"t1": tasks.label_space(["0", "1", "9"], "t1"),
+                          "t2": tasks.label_space(["2", "3", "9"], "t2")})
+  heads = (tasks.Head("classes", ("0", "1", "2", "3", "9")),)
+  labels = np.array([[0], [3]])  # one image of '0', one of '3'
+  teachers = {"t1": np.zeros((2, 3)), "t2": np.zeros((2, 3))}
+  # Both components rank their class 0 first; component a's rest says the second
+  # image is not of its part, and it is louder than component b on that image.
+  components = [np.array([[4.0, 0.0, -4.0], [6.0, 0.0, 9.0]]),
+                np.array([[0.0, 0.0, 5.0], [1.0, 3.0, -4.0]])]
+  student = np.array([[4.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0]])
+  result = evaluate.score(plan, heads, labels, teachers, components, student)
+  assert result["components_joint"] == 1.0  # concatenated argmax: image 2 -> '0'
+  assert result["student"]["accuracy_joint"] == 1.0
+  assert [c["accuracy"] for c in result["components"]] == [1.0, 1.0]

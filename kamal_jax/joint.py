@@ -1,0 +1,82 @@
+"""One decision over all target classes, and the target the student learns it from.
+
+The user's question is joint: which of the target classes is this image? Each part's
+teachers never saw the other parts' classes, so their logits on one part say nothing
+about another, and heads that regress them are not comparable. What they do say is
+how much of an image is *not* their part: a teacher of {0, 1, 2, 6} puts the mass of
+an image of 3 mostly on 6. That mass, kept as one extra *rest* logit beside the part's
+logits (`rest_logit`), is what makes a part's evidence comparable with another's.
+
+  rest_logit    a teacher's logits -> the part's logits and log sum exp of the logits
+                outside the part (its head's other classes): [..., P + 1];
+  mean_rest     the rest agreed by a group's teachers (a single teacher's is noisy);
+  decide        the joint rule: the class of all the target's, in the order of the
+                heads laid side by side.
+
+Pure jnp functions over leading axes.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# A teacher sure that an image is of its part puts at least e^-REST_FLOOR of that
+# image's mass on the rest: it bounds the rest logit's regression target, and stands
+# for teachers whose head holds nothing but the part.
+REST_FLOOR = 10.0
+
+
+def rest_logit(logits: jnp.ndarray, index: jnp.ndarray, outside: jnp.ndarray) -> jnp.ndarray:
+  """The part's logits with the rest logit after them.
+
+  Args:
+    logits: [K, B, C] of K networks.
+    index: [K, P] the part's positions in each network's logits.
+    outside: [K, C] bool, the classes of the head that holds the part, but the part's.
+  Returns:
+    [K, B, P + 1]; softmax of it gives the part's classes the probabilities of the
+    network's whole head, and the rest the mass of the others.
+  """
+  part = jnp.take_along_axis(logits, index[:, None, :], axis=-1)  # [K, B, P]
+  rest = jax.nn.logsumexp(jnp.where(outside[:, None, :], logits, -jnp.inf), axis=-1)
+  rest = jnp.maximum(rest, jax.nn.logsumexp(part, axis=-1) - REST_FLOOR)  # [K, B]
+  return jnp.concatenate([part, rest[..., None]], axis=-1)
+
+
+def _log_part_mass(with_rest: jnp.ndarray) -> jnp.ndarray:
+  """[..., P + 1] -> [...]: log of the probability of the part's classes."""
+  return (jax.nn.logsumexp(with_rest[..., :-1], axis=-1)
+          - jax.nn.logsumexp(with_rest, axis=-1))
+
+
+def mean_rest(with_rest: jnp.ndarray) -> jnp.ndarray:
+  """[K, B, P + 1] -> the same logits with each network's rest moved so that its part
+  mass is the group's (the geometric mean of the K networks' part masses): the part
+  logits stay each network's own, and every network of the group agrees how much of
+  an image is the part."""
+  part = with_rest[..., :-1]
+  mass = jnp.mean(_log_part_mass(with_rest), axis=0)  # [B], log of the agreed mass
+  odds = jnp.log(-jnp.expm1(jnp.minimum(mass, -1e-12))) - mass  # log (1 - m) / m
+  rest = jax.nn.logsumexp(part, axis=-1) + jnp.maximum(odds, -REST_FLOOR)  # [K, B]
+  return jnp.concatenate([part, rest[..., None]], axis=-1)
+
+
+# How a group's networks' rest logits [K, B, P + 1] become the targets: each its own,
+# or moved to the group's agreed part mass.
+RESTS = {"own": lambda with_rest: with_rest, "mean": mean_rest}
+
+
+def decide(logits, head_sizes, rest: bool = False):
+  """The joint class of every image: [N, sum of head widths] -> [N] positions in the
+  target's classes (the parts' classes in head order).
+
+  Without rests (the student) it is the argmax of all the heads' logits side by side.
+  Heads that carry a rest logit after their classes (`rest`: the components learned
+  with stage1.rest; head_sizes then count it) are first normalised over their classes
+  and rest, so that each class scores its probability in its own head and the rests
+  drop out.
+  """
+  bounds = np.cumsum((0,) + tuple(head_sizes))
+  heads = [logits[..., a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+  if rest:
+    heads = [jax.nn.log_softmax(h, axis=-1)[..., :-1] for h in heads]
+  return jnp.argmax(jnp.concatenate(heads, axis=-1), axis=-1)
