@@ -97,9 +97,10 @@ def _resized(feats: tuple, like: tuple) -> tuple:
 
 def _frozen_targets(spec: Amalgamation, g: int, params, frozen, x, feats, outputs):
   """The group's frozen networks on x, stack by stack, joined along K: restricted
-  logits [K, B, P] ([K, B, P + 1] with the rest logit), feature targets ([K, B, H, W, c] per tap, at the network's tap
-  sizes) and the weight-norm penalty of the frozen-side bridges. `outputs`: the
-  stacks' outputs on x computed beforehand ([B, K_s, ...]), or None to run them."""
+  logits [K, B, P] ([K, B, P + 1] with the rest logit), feature targets
+  ([K, B, H, W, c] per tap, at the network's tap sizes) and the weight-norm penalty
+  of the frozen-side bridges. `outputs`: the stacks' outputs on x computed beforehand
+  ([B, K_s, ...]), or None to run them."""
   logits, targets, weight_norm = [], [], jnp.zeros(())
   for s, (module, stack) in enumerate(zip(spec.frozen_nets[g], frozen["stacks"])):
     if outputs is None:

@@ -1,4 +1,4 @@
-"""One decision over all target classes, and the target the student learns it from.
+"""One decision over all target classes, and the rest logit that makes parts comparable.
 
 The user's question is joint: which of the target classes is this image? Each part's
 teachers never saw the other parts' classes, so their logits on one part say nothing

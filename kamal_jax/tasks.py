@@ -38,26 +38,33 @@ class LabelSpace:
   def num_outputs(self) -> int:
     return len(self.classes)
 
-  def positions(self, classes: Sequence[str]) -> np.ndarray | None:
-    """Logit positions of `classes` if one head holds them all, else None."""
+  def _home(self, classes: Sequence[str]) -> tuple[int, Head] | None:
+    """The first head that holds all of `classes`, with its offset in the logits."""
     offset = 0
     for head in self.heads:
       if all(c in head.classes for c in classes):
-        return np.array([offset + head.classes.index(c) for c in classes], np.int32)
+        return offset, head
       offset += len(head.classes)
     return None
+
+  def positions(self, classes: Sequence[str]) -> np.ndarray | None:
+    """Logit positions of `classes` if one head holds them all, else None."""
+    home = self._home(classes)
+    if home is None:
+      return None
+    offset, head = home
+    return np.array([offset + head.classes.index(c) for c in classes], np.int32)
 
   def outside(self, classes: Sequence[str]) -> np.ndarray:
     """[C] bool: the classes of the head that holds all of `classes`, but those (a
     teacher's knowledge of what an image is, if not one of them)."""
-    offset = 0
+    home = self._home(classes)
+    if home is None:
+      raise ValueError(f"No head holds all of {list(classes)}.")
+    offset, head = home
     mask = np.zeros(self.num_outputs, bool)
-    for head in self.heads:
-      if all(c in head.classes for c in classes):
-        mask[offset:offset + len(head.classes)] = [c not in classes for c in head.classes]
-        return mask
-      offset += len(head.classes)
-    raise ValueError(f"No head holds all of {list(classes)}.")
+    mask[offset:offset + len(head.classes)] = [c not in classes for c in head.classes]
+    return mask
 
 
 def attribute_head(attribute: str) -> Head:
