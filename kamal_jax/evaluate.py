@@ -98,31 +98,33 @@ def selection_stats(restricted: np.ndarray, weights: np.ndarray, targets: np.nda
           "selected_own_domain": float(np.sum((weights * own)[inside]) / inside.sum())}
 
 
-def joint_accuracy(logits: np.ndarray, head_sizes, targets: np.ndarray,
-                   rest: bool = False) -> float:
-  """The accuracy of the joint rule (`joint.decide`) over all target classes; targets
-  [N] are positions in the parts' classes laid side by side."""
-  return float(np.mean(np.asarray(joint.decide(logits, head_sizes, rest)) == targets))
+def joint_accuracy(heads: list[np.ndarray], part_sizes, targets: np.ndarray) -> float:
+  """The accuracy of the joint rule (`joint.decide`) over all target classes. heads:
+  one [N, P_g] array per part, or [N, P_g + 1] where the network learned the rest
+  logit; targets [N]: positions in the parts' classes laid side by side."""
+  sizes = [h.shape[-1] for h in heads]
+  decided = joint.decide(np.concatenate(heads, axis=-1), sizes,
+                         rest=sum(sizes) > sum(part_sizes))
+  return float(np.mean(np.asarray(decided) == targets))
 
 
 def score(plan: tasks.AmalgamationPlan, heads, labels: np.ndarray,
           teacher_logits: dict[str, np.ndarray], component_logits: list | None,
-          student_logits: np.ndarray) -> dict:
+          student_heads: list[np.ndarray]) -> dict:
   """The accuracies of the report on one labelled split.
 
   heads, labels [N, H]: the dataset's label heads and each image's class in each
-  (see `tasks.label_positions`). teacher_logits: {name: [N, C_t]}; component_logits: G arrays [N, P_g] (None where
-  the pipeline has no components; [N, P_g + 1] where they learned the rest logit);
-  student_logits: [N, sum P]. Teachers, components and the student's head g are scored
-  on the images of part g, each by argmax over the part's classes; the student and
-  the components together on every image of the target by the joint rule
-  (`joint.decide`), where the parts are exclusive.
+  (see `tasks.label_positions`). teacher_logits: {name: [N, C_t]}; component_logits
+  (None where the pipeline has no components) and student_heads: G arrays [N, P_g],
+  or [N, P_g + 1] where the networks learned the rest logit. Teachers, components
+  and the student's head g are scored on the images of part g, each by argmax over
+  the part's classes; the student and the components together on every image of the
+  target by the joint rule (`joint.decide`), where the parts are exclusive.
   """
   teachers = {name: {"name": name, "classes": list(space.classes),
                      "accuracy_per_part": {}, "accuracy": None}
               for name, space in plan.label_spaces.items()}
   components, per_part, counts = [], {}, {}
-  bounds = np.cumsum((0,) + plan.head_sizes)  # the student's heads in its logits
   for g, group in enumerate(plan.groups):
     targets = tasks.label_positions(labels, heads, group.part.classes)
     inside = targets >= 0
@@ -137,7 +139,7 @@ def score(plan: tasks.AmalgamationPlan, heads, labels: np.ndarray,
         "accuracy": None if component_logits is None else accuracy(
             component_logits[g][inside][:, :len(group.part.classes)], targets)})
     per_part[group.part.name] = accuracy(
-        student_logits[inside][:, bounds[g]:bounds[g + 1]], targets)
+        student_heads[g][inside][:, :len(group.part.classes)], targets)
   for entry in teachers.values():
     parts = entry["accuracy_per_part"]
     if parts:  # over the parts it covers, weighted by their test images
@@ -147,12 +149,11 @@ def score(plan: tasks.AmalgamationPlan, heads, labels: np.ndarray,
   if tasks.shared_head(heads, plan.parts):
     targets = tasks.label_positions(labels, heads, plan.target_classes)
     inside = targets >= 0
-    student_joint = joint_accuracy(student_logits[inside], plan.head_sizes, targets[inside])
+    joint_of = lambda network: joint_accuracy([h[inside] for h in network],
+                                              plan.head_sizes, targets[inside])
+    student_joint = joint_of(student_heads)
     if component_logits is not None:
-      sizes = [c.shape[-1] for c in component_logits]
-      components_joint = joint_accuracy(
-          np.concatenate(component_logits, axis=-1)[inside], sizes, targets[inside],
-          rest=sum(sizes) > len(plan.target_classes))
+      components_joint = joint_of(component_logits)
   return {
       "teachers": list(teachers.values()),
       "components": components,
@@ -161,11 +162,11 @@ def score(plan: tasks.AmalgamationPlan, heads, labels: np.ndarray,
   }
 
 
-def ensemble_log_probs(restricted: list[np.ndarray]) -> np.ndarray:
+def ensemble_log_probs(restricted: list[np.ndarray]) -> list[np.ndarray]:
   """The teacher ensemble as a multi-head predictor: per part g, the mean of its
-  teachers' softmaxes over the part ([K_g, N, P_g] each), as log-probabilities laid
-  side by side [N, sum P_g]."""
+  teachers' softmaxes over the part ([K_g, N, P_g] each), as log-probabilities
+  [N, P_g]."""
   def softmax(z):
     e = np.exp(z - z.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
-  return np.concatenate([np.log(np.mean(softmax(r), axis=0)) for r in restricted], axis=-1)
+  return [np.log(np.mean(softmax(r), axis=0)) for r in restricted]

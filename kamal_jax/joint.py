@@ -10,8 +10,8 @@ logits (`rest_logit`), is what makes a part's evidence comparable with another's
   rest_logit    a teacher's logits -> the part's logits and log sum exp of the logits
                 outside the part (its head's other classes): [..., P + 1];
   mean_rest     the rest agreed by a group's teachers (a single teacher's is noisy);
-  decide        the joint rule: the class of all the target's, in the order of the
-                heads laid side by side.
+  scores,       the joint rule: the class of all the target's, in the order of the
+  decide        heads laid side by side.
 
 Pure jnp functions over leading axes.
 """
@@ -65,18 +65,24 @@ def mean_rest(with_rest: jnp.ndarray) -> jnp.ndarray:
 RESTS = {"own": lambda with_rest: with_rest, "mean": mean_rest}
 
 
-def decide(logits, head_sizes, rest: bool = False):
-  """The joint class of every image: [N, sum of head widths] -> [N] positions in the
-  target's classes (the parts' classes in head order).
+def scores(logits, head_sizes, rest: bool = False):
+  """What the joint rule compares: [N, sum of head widths] -> [N, T] one score per
+  target class (the parts' classes in head order).
 
-  Without rests (the student) it is the argmax of all the heads' logits side by side.
-  Heads that carry a rest logit after their classes (`rest`: the components learned
-  with stage1.rest; head_sizes then count it) are first normalised over their classes
-  and rest, so that each class scores its probability in its own head and the rests
-  drop out.
+  Without rests (the student of the paper's method) the scores are the heads' logits
+  side by side. Heads that carry a rest logit after their classes (`rest`;
+  head_sizes then count it) are first normalised over their classes and rest, so that
+  each class scores its log-probability in its own head and the rests drop out.
   """
   bounds = np.cumsum((0,) + tuple(head_sizes))
   heads = [logits[..., a:b] for a, b in zip(bounds[:-1], bounds[1:])]
   if rest:
     heads = [jax.nn.log_softmax(h, axis=-1)[..., :-1] for h in heads]
-  return jnp.argmax(jnp.concatenate(heads, axis=-1), axis=-1)
+  return jnp.concatenate(heads, axis=-1)
+
+
+def decide(logits, head_sizes, rest: bool = False):
+  """The joint class of every image: [N, sum of head widths] -> [N] positions in the
+  target's classes, the argmax of `scores`. The report scores with it and predictions
+  are made with it; softmax of the scores gives each class its probability."""
+  return jnp.argmax(scores(logits, head_sizes, rest), axis=-1)

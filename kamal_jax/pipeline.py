@@ -146,9 +146,16 @@ def _component_arch(config: ml_collections.ConfigDict, group: tasks.Group):
   return _teacher_arch(config, len(group.part.classes) + (config.stage1.rest != "none"))
 
 
+def _student_heads(run: Run) -> tuple[int, ...]:
+  """The student's head widths: one output per class of each part, and one more for
+  the rest logit where it amalgamates networks that carry it (stage1.rest)."""
+  rest = run.config.stage1.rest != "none" and run.config.pipeline != "supervised"
+  return tuple(size + rest for size in run.plan.head_sizes)
+
+
 def _student_arch(run: Run):
   cfg = run.config.models
-  return models.create(cfg.student, sum(run.plan.head_sizes), cfg.student_width_scale,
+  return models.create(cfg.student, sum(_student_heads(run)), cfg.student_width_scale,
                        cfg.dtype)
 
 
@@ -412,12 +419,12 @@ def train_student(run: Run, pool: list[teachers.TeacherStack], components) -> di
     return teachers.take(stack.variables, 0)
   if run.config.pipeline == "single_stage":
     modules, frozen = zip(*(_group_frozen(plan, pool, group) for group in plan.groups))
-    spec = _amalgamation(run, student, plan.head_sizes, modules)
+    spec = _amalgamation(run, student, _student_heads(run), modules)
     frozen = {"groups": {str(g): f for g, f in enumerate(frozen)}}
     labels = {str(g): group.teachers for g, group in enumerate(plan.groups)}
   else:  # two_stage: head g regresses component g on every image, no selection
     modules = [_component_arch(run.config, group) for group in plan.groups]
-    spec = _amalgamation(run, student, plan.head_sizes, [(m,) for m in modules],
+    spec = _amalgamation(run, student, _student_heads(run), [(m,) for m in modules],
                          bridge_widths=tuple(modules[0].widths), frozen_bridges=False,
                          selection="least", feature_weight=1.0, logit_loss="mse")
     frozen = {"groups": {str(g): {"stacks": [{  # a component's rest is its last output
@@ -487,7 +494,8 @@ def evaluate_all(run: Run, pool: list[teachers.TeacherStack], components, studen
     student_params = sum(teacher_params[t] for t in plan.used_teachers)
     forwards = len(plan.used_teachers)
   else:
-    student_logits = _predict(run, _student_arch(run), student, run.test_indices)
+    logits = _predict(run, _student_arch(run), student, run.test_indices)
+    student_logits = np.split(logits, np.cumsum(_student_heads(run))[:-1], axis=-1)
     student_params, forwards = train.count_params(student["params"]), 1
   result = evaluate.score(plan, run.dataset.heads, run.dataset.labels[run.test_indices],
                           teacher_logits, component_logits, student_logits)

@@ -35,10 +35,9 @@ def test_ensemble_log_probs_average_softmaxes_per_part():
   rng = np.random.default_rng(0)
   parts = [rng.normal(size=(2, 5, 3)), rng.normal(size=(3, 5, 2))]
   got = evaluate.ensemble_log_probs(parts)
-  expected = np.concatenate([np.log(np.mean(jax.nn.softmax(p, axis=-1), axis=0))
-                             for p in parts], axis=-1)
-  np.testing.assert_allclose(got, expected, rtol=1e-5)
-  assert got.shape == (5, 5)
+  for head, part in zip(got, parts, strict=True):
+    np.testing.assert_allclose(head, np.log(np.mean(jax.nn.softmax(part, axis=-1), axis=0)),
+                               rtol=1e-5)
 
 
 def test_score_puts_the_components_together_by_their_rests():
@@ -52,8 +51,12 @@ def test_score_puts_the_components_together_by_their_rests():
   # image is not of its part, and it is louder than component b on that image.
   components = [np.array([[4.0, 0.0, -4.0], [6.0, 0.0, 9.0]]),
                 np.array([[0.0, 0.0, 5.0], [1.0, 3.0, -4.0]])]
-  student = np.array([[4.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0]])
-  result = evaluate.score(plan, heads, labels, teachers, components, student)
+  student_without_rests = [np.array([[4.0, 0.0], [0.0, 0.0]]),
+                           np.array([[0.0, 0.0], [0.0, 2.0]])]
+  result = evaluate.score(plan, heads, labels, teachers, components, student_without_rests)
   assert result["components_joint"] == 1.0  # concatenated argmax: image 2 -> '0'
+  assert result["student"]["accuracy_joint"] == 1.0
+  # A student that learned the components' rests is put together the same way.
+  result = evaluate.score(plan, heads, labels, teachers, components, components)
   assert result["student"]["accuracy_joint"] == 1.0
   assert [c["accuracy"] for c in result["components"]] == [1.0, 1.0]
