@@ -89,10 +89,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       bridge_widths=(8, 8, 16, 32, 64), weight_norm=1.0,
       feature_weight=1.0,  # 0: logits alone
       logit_loss="mse", kd_temperature=4.0,  # 'kd': KL of softmaxes at that T
-      # Components can also learn the teachers' mass outside the part as one more
-      # output, which tells the parts apart (kamal_jax.joint): 'mean' (agreed by the
-      # group's teachers), 'own' (each selected teacher's) or 'none' (the paper's).
-      rest="none",
+      # Components (and the student's heads after them) also learn the teachers'
+      # mass outside the part as one more output, which tells the parts apart
+      # (kamal_jax.joint): 'mean' (agreed by the group's teachers), 'own' (each
+      # selected teacher's) or 'none' (the paper's method).
+      rest="mean",
       optimizer=optimizer(1e-3, bridge_learning_rate=2e-3)))
   # The student: from the components, or (single_stage, supervised) directly.
   c.stage2 = ml_collections.ConfigDict(dict(
@@ -110,4 +111,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.domains = ("original", "shuffled")
     c.teacher_domains = ml_collections.ConfigDict(dict(
         t1="original", t2="shuffled", t3="original", t4="shuffled"))
+    # Specialists of different domains: their agreement on how much of an image is
+    # the part is no evidence (0.68 joint, benchmarks/results/domains_rest.md); the
+    # least ambiguous teacher's own rest is (0.85, as the paper's method).
+    c.stage1.rest = "own"
   return c

@@ -24,7 +24,8 @@ class Variant:
 
 
 VARIANTS = {
-    "least-entropy": Variant({}, "the method"),
+    "least-entropy": Variant({}, "the method as configured"),
+    "paper": Variant({"stage1.rest": "none"}, "the paper's method: no rest logit"),
     "rest-mean": Variant({"stage1.rest": "mean"},
                          "components learn their group's agreed rest logit"),
     "rest-own": Variant({"stage1.rest": "own"},

@@ -155,7 +155,7 @@ def test_a_refused_config_leaves_the_workdir_untouched(tiny, tmp_path):
 # Every pipeline of the bench, and the selection rules whose batches carry more than
 # images (random: a key; oracle: labels) or whose weights are checked below (none);
 # the other rules differ only in the weights, tested by hand in test_ambiguity.py.
-PIPELINE_VARIANTS = ["least-entropy", "none", "random", "oracle", "single-stage",
+PIPELINE_VARIANTS = ["least-entropy", "paper", "none", "random", "oracle", "single-stage",
                      "kd-logits", "ensemble", "supervised"]
 
 
@@ -184,8 +184,9 @@ def test_every_pipeline_variant_runs_through_one_pipeline_and_report(tiny, tmp_p
   assert ensemble["inference_forwards"] == 4 and ensemble["params"] == 4 * teacher_params
   for c in reports["none"]["components"]:
     assert list(c["selected_fraction"].values()) == pytest.approx([0.5, 0.5])
-  assert (reports["supervised"]["student"]["params"]
-          == reports["least-entropy"]["student"]["params"])
+  # The same student; the method's heads have one more output each, the rest logit.
+  assert (reports["supervised"]["student"]["params"] == reports["paper"]["student"]["params"]
+          < reports["least-entropy"]["student"]["params"])
   assert reports["least-entropy"]["components"][1]["classes"] == ["3", "4"]
 
   out = tmp_path / "table.md"
