@@ -4,6 +4,7 @@ Shen et al., "Customizing Student Networks From Heterogeneous Teachers via Adapt
 Knowledge Amalgamation", ICCV 2019.
 """
 from kamal_jax import ambiguity, amalgamate, losses, tasks
+from kamal_jax.predict import Model, Predictions, load
 
-__all__ = ["ambiguity", "amalgamate", "losses", "tasks"]
+__all__ = ["Model", "Predictions", "ambiguity", "amalgamate", "load", "losses", "tasks"]
 __version__ = "0.1.0"

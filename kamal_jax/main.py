@@ -2,6 +2,13 @@
 
   kamal-jax --config=configs/digits.py --workdir=runs/digits [--stage=stage1]
             [--config.seed=1 ...] [--start_fresh] [--debug] [--distributed ...]
+  kamal-jax export --workdir=W [--out=DIR] [--network=student|components|teachers]
+  kamal-jax predict --model=DIR IMAGES_OR_FOLDERS... [--out=predictions.csv]
+            [--batch_size=256] [--skip_unreadable]
+
+A finished run exports its student into WORKDIR/export/student by itself; `export`
+writes any of its networks again (`kamal_jax.export`), `predict` runs an exported
+network on image files (`kamal_jax.predict`).
 
 Exit status: 0 when the stages ran; 2 on bad input (config, data, teachers,
 workdir) or a stage that cannot go on (non-finite loss, earlier stage missing), with
@@ -17,6 +24,10 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 HELP = ("-h", "--help", "--helpshort", "--helpfull")
+
+
+def _define_debug(values: flags.FlagValues):
+  flags.DEFINE_bool("debug", False, "Show the traceback of an error.", flag_values=values)
 
 
 def _flags(argv: list[str]) -> flags.FlagValues:
@@ -37,7 +48,7 @@ def _flags(argv: list[str]) -> flags.FlagValues:
                     "If --workdir was started with a config that gives other results, "
                     "start anew in the first free WORKDIR-N beside it (WORKDIR stays "
                     "as it is) instead of refusing.", flag_values=values)
-  flags.DEFINE_bool("debug", False, "Show the traceback of an error.", flag_values=values)
+  _define_debug(values)
   flags.DEFINE_bool("distributed", False,
                     "Join a multi-process run (jax.distributed.initialize): found by "
                     "itself on SLURM, Open MPI and Cloud TPU; elsewhere give the three "
@@ -104,18 +115,102 @@ def _run(values: flags.FlagValues) -> None:
   if result is not None and jax.process_index() == 0:
     print(report.summary(result))
     print(f"\nReport: {workdir / 'report.md'}")
+    if (workdir / "export" / "student").is_dir():
+      print(f"Student: {workdir / 'export' / 'student'} "
+            f"(kamal-jax predict --model={workdir / 'export' / 'student'} IMAGES...)")
+
+
+def _export_flags() -> flags.FlagValues:
+  from kamal_jax import pipeline  # pylint: disable=g-import-not-at-top
+  values = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "The workdir of a finished run.", flag_values=values)
+  flags.DEFINE_string("out", None, "Where the model folders go (default WORKDIR/export).",
+                      flag_values=values)
+  flags.DEFINE_enum("network", "student", pipeline.NETWORKS, "Which networks to export.",
+                    flag_values=values)
+  _define_debug(values)
+  return values
+
+
+def _export(values: flags.FlagValues, arguments: list[str]) -> None:
+  from kamal_jax import pipeline  # pylint: disable=g-import-not-at-top
+  if arguments:
+    raise BadInput(f"unexpected arguments {arguments}: export takes flags only (see --help).")
+  if not values.workdir:
+    raise BadInput("--workdir is required: give the workdir of a finished run.")
+  logging.set_verbosity(logging.WARNING)
+  try:
+    folders = pipeline.export_workdir(Path(values.workdir), values.network, values.out)
+  except (ValueError, pipeline.StageNotReadyError) as error:
+    raise BadInput(str(error)) from error
+  for folder in folders:
+    sizes = ", ".join(f"{f.name} {f.stat().st_size / 2**20:.1f} MiB"
+                      for f in sorted(folder.iterdir()))
+    print(f"{folder}: {sizes}")
+
+
+def _predict_flags() -> flags.FlagValues:
+  values = flags.FlagValues()
+  flags.DEFINE_string("model", None, "A model folder written by `kamal-jax export`.",
+                      flag_values=values)
+  flags.DEFINE_string("out", "predictions.csv", "The CSV to write.", flag_values=values)
+  flags.DEFINE_integer("batch_size", 256, "Images per forward.", lower_bound=1,
+                       flag_values=values)
+  flags.DEFINE_bool("skip_unreadable", False,
+                    "List an unreadable image as skipped, with its reason, instead of "
+                    "stopping at it.", flag_values=values)
+  _define_debug(values)
+  return values
+
+
+def _predict(values: flags.FlagValues, paths: list[str]) -> None:
+  from kamal_jax import predict  # pylint: disable=g-import-not-at-top
+  if not values.model:
+    raise BadInput("--model is required: give a folder written by `kamal-jax export`.")
+  if not paths:
+    raise BadInput("no images given: name image files or folders after the flags.")
+  try:
+    model = predict.load(values.model)
+    files = predict.image_files(paths)
+    count, seconds = predict.write_csv(
+        model, files, Path(values.out), values.batch_size, values.skip_unreadable)
+  except ValueError as error:
+    raise BadInput(str(error)) from error
+  print(f"{count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):,.1f} images/s) "
+        f"-> {values.out}")
+
+
+COMMANDS = {"export": (_export_flags, _export), "predict": (_predict_flags, _predict)}
+
+
+def _subcommand(name: str, argv: list[str]) -> None:
+  """COMMANDS[name]: its own flags parsed from argv, then run with them and the
+  positional arguments."""
+  make_flags, run = COMMANDS[name]
+  values = make_flags()
+  try:
+    arguments = values(argv)[1:]
+  except flags.Error as error:
+    raise BadInput(f"{' '.join(str(error).split())}: fix the flag (see --help).") from error
+  run(values, arguments)
 
 
 def cli(argv: list[str]) -> int:
-  """Runs the command on argv (argv[0] is the program) and returns its exit status."""
+  """Runs the command on argv (argv[0] is the program; argv[1] may name a
+  subcommand, COMMANDS) and returns its exit status."""
+  name = argv[1] if len(argv) > 1 and argv[1] in COMMANDS else None
+  argv = [f"{argv[0]} {name}"] + argv[2:] if name else argv
   if any(a in HELP for a in argv[1:]):
-    print(__doc__ + "\n" + _flags(argv).get_help())
+    values = COMMANDS[name][0]() if name else _flags(argv)
+    print(__doc__ + "\n" + values.get_help())
     return 0
-  debug = "--debug" in argv
   try:
-    _run(_parse(argv))
+    if name:
+      _subcommand(name, argv)
+    else:
+      _run(_parse(argv))
   except BadInput as error:
-    if debug:
+    if "--debug" in argv:
       raise
     print(f"kamal-jax: error: {' '.join(str(error).split())}", file=sys.stderr)
     return 2

@@ -11,6 +11,7 @@ never retrains a finished stage; a later stage restores what the earlier ones le
 """
 import dataclasses
 import functools
+import hashlib
 import json
 import tempfile
 import time
@@ -22,10 +23,11 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from kamal_jax import (ambiguity, amalgamate, compilation, data, evaluate, files, joint,
-                       models, report, tasks, teachers, train)
+from kamal_jax import (ambiguity, amalgamate, compilation, data, evaluate, export, files,
+                       joint, models, report, tasks, teachers, train)
 
 STAGES = ("teachers", "stage1", "stage2", "evaluate")
+NETWORKS = ("student", "components", "teachers")  # what `export_networks` can write
 PIPELINES = ("two_stage", "single_stage", "ensemble", "supervised")
 
 
@@ -751,4 +753,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   result["timings"] = timings
   if _primary():
     report.write(result, workdir)
+    if student is not None:
+      export_networks(run, pool, components, student, "student", workdir / "export")
   return result
+
+
+def export_networks(run: Run, pool: list[teachers.TeacherStack], components, student,
+                    network: str, out: Path) -> list[Path]:
+  """Writes model folders (`export.write`) of the run's student (out/student), its
+  components (out/components/<part>) or its teachers (out/teachers/<name>), checked
+  on the first test images; returns the folders."""
+  plan = run.plan
+  if network == "student":
+    if student is None:
+      raise ValueError(f"Pipeline {run.config.pipeline!r} has no student: export "
+                       "--network=teachers instead.")
+    rests = [w > p for w, p in zip(_student_heads(run), plan.head_sizes)]
+    heads = [export.Head(p.name, p.classes, r) for p, r in zip(plan.parts, rests)]
+    networks = [(out / "student", _student_arch(run), student, heads)]
+  elif network == "components":
+    if not components:
+      raise ValueError(f"Pipeline {run.config.pipeline!r} has no components: export "
+                       "--network=student or --network=teachers instead.")
+    rest = run.config.stage1.rest != "none"
+    networks = [(out / "components" / g.part.name, _component_arch(run.config, g), c,
+                 [export.Head(g.part.name, g.part.classes, rest)])
+                for g, c in zip(plan.groups, components)]
+  else:
+    networks = [(out / "teachers" / name, stack.module, teachers.take(stack.variables, i),
+                 [export.Head(h.name, h.classes) for h in plan.label_spaces[name].heads])
+                for stack in pool for i, name in enumerate(stack.names)]
+  check = run.images(run.test_indices[:64])  # [n, S, S, C]
+  cfg = run.config.data
+  preprocessing = export.Preprocessing(check.shape[1], check.shape[-1],
+                                       cfg.get("crop_fraction", 1.0), tuple(cfg.mean),
+                                       tuple(cfg.std))
+  config_text = (run.workdir / "config.json").read_bytes()
+  provenance = {"workdir": str(run.workdir.absolute()), "pipeline": run.config.pipeline,
+                "seed": run.config.seed, "config_sha256": hashlib.sha256(config_text).hexdigest()}
+  for directory, module, variables, heads in networks:
+    description = export.describe(directory.name, module, heads, preprocessing, provenance)
+    export.write(directory, module, variables, description, check)
+  return [directory for directory, *_ in networks]
+
+
+def export_workdir(workdir: Path, network: str, out: Path | None = None) -> list[Path]:
+  """Exports a finished run's networks (`export_networks`), into WORKDIR/export by
+  default; the run's stages are restored, never trained."""
+  workdir = Path(workdir)
+  saved = workdir / "config.json"
+  if not saved.is_file():
+    raise ValueError(f"--workdir {workdir} holds no run (no config.json): give the "
+                     "workdir of a finished run.")
+  config = ml_collections.ConfigDict(json.loads(saved.read_text()))
+  run = prepare(config, workdir, ())
+  try:
+    pool = train_teachers(run)
+    components = amalgamate_groups(run, pool) if config.pipeline == "two_stage" else []
+    student = None if config.pipeline == "ensemble" else train_student(run, pool, components)
+  finally:
+    run.log.close()
+  return export_networks(run, pool, components, student, network,
+                         Path(out) if out else workdir / "export")

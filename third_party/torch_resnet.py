@@ -1,4 +1,4 @@
-"""PyTorch ResNet checkpoints with torchvision's parameter names -> kamal_jax ResNets.
+"""PyTorch ResNet checkpoints with torchvision's parameter names <-> kamal_jax ResNets.
 
 `load(path)` reads a state dict from `.safetensors` (NumPy only, no torch needed) or
 from `.pth`/`.pt` (torch, with `weights_only=True`: a file that holds pickled objects
@@ -7,6 +7,8 @@ shapes (ResNet-18/34 basic blocks, ResNet-50+ bottlenecks, any widths and depths
 returns the Flax module with its variables. The module's feature taps are the stem
 convolution and each stage's output before its last ReLU, exactly as for a network
 trained here, so an imported teacher goes wherever a trained one does.
+`state_dict(variables)` is the way back: a network's variables under torchvision's
+names and layouts, for `load_state_dict` in PyTorch (and `load` reads it bit for bit).
 
 torchvision name                         kamal_jax variable
 conv1.weight [O, I, kh, kw]              params/stem_conv/kernel [kh, kw, I, O]
@@ -15,6 +17,7 @@ bn1.{running_mean,running_var}           batch_stats/stem_bn/{mean,var}
 layerS.I.convJ / bnJ                     stage{S}_block{I+1}/convJ / bnJ
 layerS.I.downsample.0 / .1               stage{S}_block{I+1}/shortcut_conv / shortcut_bn
 fc.weight [C, D], fc.bias [C]            params/head/kernel [D, C], params/head/bias
+bnJ.num_batches_tracked (int64 [])       none: written as 0, skipped when read
 """
 import os
 import pickle
@@ -126,6 +129,45 @@ def _flax_location(name: str) -> tuple[str, tuple[str, ...], str]:
     return "params", path + (module,), "kernel"
   collection, variable = _BN_FIELDS[field]
   return collection, path + (module,), variable
+
+
+_MODULES = {"stem_conv": "conv1", "stem_bn": "bn1", "shortcut_conv": "downsample.0",
+            "shortcut_bn": "downsample.1", "head": "fc"}
+
+
+def _torch_name(collection: str, path: tuple[str, ...], variable: str) -> str:
+  """(collection, module path, variable) in the Flax tree -> torch name: the inverse
+  of `_flax_location`."""
+  *block, module = path
+  prefix = ""
+  if block:  # stage{S}_block{I} -> layer{S}.{I - 1}
+    stage, index = re.fullmatch(r"stage(\d+)_block(\d+)", block[0]).groups()
+    prefix = f"layer{stage}.{int(index) - 1}."
+  if variable in ("kernel", "bias") and collection == "params" and "bn" not in module:
+    field = {"kernel": "weight", "bias": "bias"}[variable]  # convolutions and fc
+  else:
+    field = next(f for f, at in _BN_FIELDS.items() if at == (collection, variable))
+  return f"{prefix}{_MODULES.get(module, module)}.{field}"
+
+
+def state_dict(variables: dict) -> dict[str, np.ndarray]:
+  """A network's variables {'params', 'batch_stats'} -> {torch name: array}, in
+  torchvision's layouts (conv [O, I, kh, kw], fc [C, D]), with each batch norm's
+  `num_batches_tracked` (0), so that the keys are exactly those of torchvision's
+  `state_dict()` for the same architecture."""
+  state = {}
+  for path, value in jax.tree_util.tree_leaves_with_path(variables):
+    collection, *path, variable = _key(path)
+    name = _torch_name(collection, tuple(path), variable)
+    value = np.asarray(value, np.float32)
+    if value.ndim == 4:  # [kh, kw, I, O] -> [O, I, kh, kw]
+      value = value.transpose(3, 2, 0, 1)
+    elif name == "fc.weight":  # [D, C] -> [C, D]
+      value = value.T
+    state[name] = np.ascontiguousarray(value)
+    if name.endswith("running_var"):
+      state[name.replace("running_var", "num_batches_tracked")] = np.zeros((), np.int64)
+  return state
 
 
 def _key(path) -> tuple[str, ...]:

@@ -37,13 +37,13 @@ def load(path: str) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
       raise ValueError(f"Class {directory.name!r} has no images in {directory}: add "
                        "images or remove the sub-folder.")
     for f in found:
-      _check_readable(f)
+      check_readable(f)
     files.extend(found)
     labels.extend([label] * len(found))
   return files, np.array(labels, np.int32), tuple(directory.name for directory in classes)
 
 
-def _check_readable(path: Path):
+def check_readable(path: Path):
   """Fails at the door, naming the file, on what PIL cannot identify (reads the
   header only; the pixels are decoded when a batch needs them)."""
   try:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 MODES = {1: "L", 3: "RGB"}
-_THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +38,21 @@ class View:
     return self.min_scale < 1.0 or self.flip
 
 
+# Grey images of more than 8 bits, and what brings their pixels to [0, 1] (float
+# images are taken to be in [0, 1] already); PIL's own conversion to 'L' clips them.
+_DEEP_GREY = {"I;16": 1 / 65535, "I;16B": 1 / 65535, "I;16L": 1 / 65535, "I": 1 / 65535,
+              "F": 1.0}
+
+
 def decode(record: Any, channels: int) -> Image.Image:
-  """Encoded bytes or a file path -> a PIL image with `channels` channels."""
+  """Encoded bytes or a file path -> a PIL image with `channels` channels: mode L or
+  RGB, or for a grey image of more than 8 bits read as grey, mode F in [0, 1]."""
   try:
     source = io.BytesIO(record) if isinstance(record, bytes) else record
     with Image.open(source) as image:
+      if channels == 1 and image.mode in _DEEP_GREY:
+        scale = _DEEP_GREY[image.mode]
+        return image.convert("F").point(lambda v: v * scale)
       return image.convert(MODES[channels])
   except (UnidentifiedImageError, OSError, ValueError) as error:
     where = record if isinstance(record, (str, Path)) else "an encoded image"
@@ -50,7 +60,7 @@ def decode(record: Any, channels: int) -> Image.Image:
 
 
 def _to_array(image: Image.Image, channels: int) -> np.ndarray:
-  pixels = np.asarray(image, np.float32) / 255.0
+  pixels = np.asarray(image, np.float32) / (1.0 if image.mode == "F" else 255.0)
   return pixels.reshape(image.height, image.width, channels)
 
 
@@ -125,4 +135,4 @@ class EncodedImages:
         return eval_view(image, self.view, self.channels)
       return train_view(image, self.view, self.channels, child)
 
-    return np.stack(list(_THREADS.map(one, indices, children)))
+    return np.stack(list(THREADS.map(one, indices, children)))

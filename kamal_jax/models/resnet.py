@@ -98,8 +98,9 @@ class ResNet(nn.Module):
     x = _conv(self.widths[0], kernel, stride, self.dtype, "stem_conv")(x)
     feats = [x]
     x = nn.relu(norm(name="stem_bn")(x))
-    if not self.small_input:
-      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    if not self.small_input:  # padded by hand: ONNX exporters take no explicit pads
+      x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+      x = nn.max_pool(x, (3, 3), (2, 2))
     for stage, (width, count) in enumerate(zip(self.widths[1:], self.blocks)):
       for index in range(count):
         stride = 2 if stage > 0 and index == 0 else 1
