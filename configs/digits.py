@@ -13,10 +13,13 @@ from these label sets, not written here.
       unsure on the other, and per-sample selection matters. (Inverted images make
       a poor second domain: a teacher is confidently wrong on them, since their
       bright background drives its activations far past its training statistics.)
+  --config=configs/digits.py:uneven   uneven label sets: parts of four and two
+      classes, three teachers in one group and one in the other, and auxiliary
+      classes (6, 7) that teachers of both parts know.
 """
 import ml_collections
 
-VARIANTS = ("default", "domains")
+VARIANTS = ("default", "domains", "uneven")
 
 
 def optimizer(learning_rate, bridge_learning_rate=None, name="adam", weight_decay=0.0,
@@ -115,4 +118,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # the part is no evidence (0.68 joint, benchmarks/results/domains_rest.md); the
     # least ambiguous teacher's own rest is (0.85, as the paper's method).
     c.stage1.rest = "own"
+  if variant == "uneven":
+    c.target.parts = ml_collections.ConfigDict(dict(
+        part1=("0", "1", "2", "3"), part2=("4", "5")))
+    c.teachers = ml_collections.ConfigDict(dict(
+        t1=("0", "1", "2", "3", "6"), t2=("0", "1", "2", "3", "7"),
+        t3=("0", "1", "2", "3", "8", "9"), t4=("4", "5", "6", "7")))
   return c
