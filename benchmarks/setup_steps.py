@@ -64,7 +64,7 @@ def main(argv):
   group = plan.groups[0]
   cfg = config.models
   teacher = models.create(cfg.teacher, spaces[group.teachers[0]].num_outputs,
-                          cfg.teacher_width_scale, cfg.dtype)
+                          cfg.teacher_width_scale, cfg.dtype, axis_name=train.AXIS)
   x = _images(config, 1, rng)
   rows = []
 
@@ -86,9 +86,9 @@ def main(argv):
 
   # Stage 1: a component from its group; stage 2: the student from the components.
   component = models.create(cfg.teacher, len(group.part.classes), cfg.teacher_width_scale,
-                            cfg.dtype)
+                            cfg.dtype, axis_name=train.AXIS)
   student = models.create(cfg.student, sum(plan.head_sizes), cfg.student_width_scale,
-                          cfg.dtype)
+                          cfg.dtype, axis_name=train.AXIS)
   stage1 = amalgamate.Amalgamation(
       net=component, frozen_nets=((teacher,),), head_sizes=(len(group.part.classes),),
       bridge_widths=tuple(config.stage1.bridge_widths))

@@ -130,6 +130,7 @@ def jax_step(problem: Problem, start: "TorchAmalgamation", dtype: str = "float32
   FLOPs (XLA's cost analysis). Every trainable starts from `start`'s values (take them before its
   first step), so both sides compute the same numbers."""
   module, variables = _flax(problem.net, dtype)
+  module = module.clone(bn_axis_name=train.AXIS)  # trained by the project's step
   frozen_modules, frozen, groups = [], {"groups": {}}, {}
   for g, (nets, index, group) in enumerate(zip(problem.frozen, problem.index, start.groups)):
     converted = [_flax(n, dtype) for n in nets]

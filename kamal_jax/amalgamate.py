@@ -39,6 +39,8 @@ from kamal_jax import ambiguity, joint, losses
 from kamal_jax.models import Bridges
 from kamal_jax.teachers import map_stacked, stacked_apply
 
+__all__ = ["Amalgamation", "amalgamation_loss", "init", "LOGIT_LOSSES"]
+
 
 @dataclasses.dataclass(frozen=True)
 class Amalgamation:

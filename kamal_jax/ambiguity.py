@@ -8,6 +8,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+__all__ = ["entropy", "get", "margin", "max_prob", "NEEDS_KEY", "NEEDS_LABELS", "RULES",
+           "select", "weights"]
+
 
 def entropy(logits: jnp.ndarray) -> jnp.ndarray:
   """Shannon entropy (nats) of softmax(logits)."""

@@ -16,6 +16,9 @@ import numpy as np
 
 from kamal_jax import pipeline, report
 
+__all__ = ["aggregate", "COLUMNS", "comparison", "configure", "markdown", "per_seed",
+           "plot", "run", "Variant", "VARIANTS", "write"]
+
 
 @dataclasses.dataclass(frozen=True)
 class Variant:

@@ -8,6 +8,8 @@ import functools
 
 import jax
 
+__all__ = ["listen", "since", "totals"]
+
 _DURATIONS = {  # event -> name in the counts
     "/jax/core/compile/jaxpr_trace_duration": "trace",
     "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",

@@ -16,6 +16,9 @@ from kamal_jax import ambiguity, data, joint, tasks
 from kamal_jax.teachers import stacked_apply
 from kamal_jax.train.step import AXIS, replicate
 
+__all__ = ["accuracy", "ensemble_log_probs", "joint_accuracy", "predict",
+           "rule_weights", "score", "selection_stats"]
+
 
 def _outputs(module: nn.Module, stacked: bool, feats: bool, variables, x):
   """Eval-mode logits [B, C] ([B, K, C] for stacked networks), or with `feats` the

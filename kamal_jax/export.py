@@ -39,6 +39,10 @@ import numpy as np
 import kamal_jax
 from kamal_jax import models
 
+__all__ = ["describe", "DESCRIPTION", "FORMAT", "FORMAT_VERSION", "GRAPHS",
+           "has_export_extra", "Head", "JOINT_RULE", "logits_fn", "module_of",
+           "Preprocessing", "TOLERANCE", "WEIGHTS", "write"]
+
 FORMAT = "kamal_jax.model"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"

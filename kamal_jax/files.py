@@ -2,6 +2,8 @@
 import os
 from pathlib import Path
 
+__all__ = ["write_atomic"]
+
 
 def write_atomic(path: Path, text: str):
   """Writes `text` to a temporary file beside `path`, then renames it over `path`."""

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = ["decide", "mean_rest", "REST_FLOOR", "rest_logit", "RESTS", "scores"]
+
 # A teacher sure that an image is of its part puts at least e^-REST_FLOOR of that
 # image's mass on the rest: it bounds the rest logit's regression target, and stands
 # for teachers whose head holds nothing but the part.

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+__all__ = ["kd_kl", "masked_mean", "mse", "weight_norm_penalty"]
+
 
 def mse(prediction: jnp.ndarray, target: jnp.ndarray, batch_dims: int = 1) -> jnp.ndarray:
   """Mean squared error over all axes after the first `batch_dims`.

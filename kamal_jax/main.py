@@ -23,6 +23,8 @@ from pathlib import Path
 from absl import flags, logging
 from ml_collections import config_flags
 
+__all__ = ["BadInput", "cli", "COMMANDS", "HELP", "run"]
+
 HELP = ("-h", "--help", "--helpshort", "--helpfull")
 
 

@@ -26,6 +26,12 @@ import numpy as np
 from kamal_jax import (ambiguity, amalgamate, compilation, data, evaluate, export, files,
                        joint, models, report, tasks, teachers, train)
 
+__all__ = ["amalgamate_groups", "CADENCE", "config_drift", "enable_compilation_cache",
+           "evaluate_all", "export_networks", "export_workdir", "NETWORKS", "PIPELINES",
+           "prepare", "Run", "sharded", "StageNotReadyError", "STAGES",
+           "supervised_stages", "train_and_evaluate", "train_student",
+           "train_supervised", "train_teachers", "validate", "workdir_for"]
+
 STAGES = ("teachers", "stage1", "stage2", "evaluate")
 NETWORKS = ("student", "components", "teachers")  # what `export_networks` can write
 PIPELINES = ("two_stage", "single_stage", "ensemble", "supervised")
@@ -137,9 +143,11 @@ def _shapes(tree):
 
 
 def _teacher_arch(config: ml_collections.ConfigDict, num_outputs: int, arch: str = ""):
-  """The teachers' architecture (config.models.teacher), which the components share."""
+  """The teachers' architecture (config.models.teacher), which the components share;
+  like every network the run trains, its batch statistics span the step's axis."""
   cfg = config.models
-  return models.create(arch or cfg.teacher, num_outputs, cfg.teacher_width_scale, cfg.dtype)
+  return models.create(arch or cfg.teacher, num_outputs, cfg.teacher_width_scale, cfg.dtype,
+                       axis_name=train.AXIS)
 
 
 def _component_arch(config: ml_collections.ConfigDict, group: tasks.Group):
@@ -158,7 +166,7 @@ def _student_heads(run: Run) -> tuple[int, ...]:
 def _student_arch(run: Run):
   cfg = run.config.models
   return models.create(cfg.student, sum(_student_heads(run)), cfg.student_width_scale,
-                       cfg.dtype)
+                       cfg.dtype, axis_name=train.AXIS)
 
 
 def _variables(state: train.TrainState) -> dict:
@@ -591,7 +599,7 @@ def _backbone(config: ml_collections.ConfigDict, channels: int) -> dict | None:
     raise ValueError(f"models.pretrained: {error}") from error
   wanted = _teacher_arch(config, module.num_outputs)
   stem = variables["params"]["stem_conv"]["kernel"].shape[2]
-  if module != wanted or stem != channels:
+  if module.clone(bn_axis_name=wanted.bn_axis_name) != wanted or stem != channels:
     raise ValueError(
         f"models.pretrained {path} holds a ResNet of widths {module.widths}, blocks "
         f"{module.blocks} on {stem}-channel images; models.teacher "

@@ -26,6 +26,8 @@ from kamal_jax import export, joint, models
 from kamal_jax.data import folder
 from kamal_jax.data import images as image_io
 
+__all__ = ["decide", "image_files", "load", "Model", "Predictions", "write_csv"]
+
 
 @dataclasses.dataclass(frozen=True)
 class Predictions:

@@ -4,6 +4,8 @@ from pathlib import Path
 
 from kamal_jax import files
 
+__all__ = ["markdown", "plot", "summary", "table", "write"]
+
 
 def _cell(value) -> str:
   if value is None:

@@ -16,6 +16,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+__all__ = ["AmalgamationPlan", "attribute_head", "Group", "Head", "label_positions",
+           "label_space", "LabelSpace", "make_plan", "shared_head"]
+
 
 @dataclasses.dataclass(frozen=True)
 class Head:

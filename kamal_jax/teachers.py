@@ -24,6 +24,10 @@ import optax
 from kamal_jax import tasks
 from kamal_jax.models import Outputs
 
+__all__ = ["imported", "map_stacked", "stack", "stack_order", "stack_variables",
+           "stack_way", "stacked_apply", "sub_stacks", "Supervised", "supervised_loss",
+           "take", "Teacher", "TeacherStack", "WAYS"]
+
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:

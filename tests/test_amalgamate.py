@@ -40,7 +40,8 @@ def _stage1(tiny, *stacks, **overrides):
   """A component (3 classes) from teacher stacks (module, variables [K_s, ...]) that
   know the part at logits 0-2."""
   spec = amalgamate.Amalgamation(
-      net=models.create(tiny.models.teacher, 3, tiny.models.teacher_width_scale),
+      net=models.create(tiny.models.teacher, 3, tiny.models.teacher_width_scale,
+                        axis_name=train.AXIS),
       frozen_nets=(tuple(module for module, _ in stacks),), head_sizes=(3,),
       bridge_widths=tuple(tiny.stage1.bridge_widths), **overrides)
   frozen = {"groups": {"0": {"stacks": [
@@ -215,20 +216,47 @@ def test_loss_is_the_weighted_sum_of_feature_and_logit_terms(stage1):
   assert metrics["0/weight_norm"][0] > 0  # fresh bridge rows are not unit norm
 
 
-def test_student_head_g_learns_from_group_g_only(tiny):
-  """Stage 2: one frozen component per group (parts of 3 and 2 classes); with group
-  1's logit scale at zero, head 1 gets no logit gradient while head 0 does."""
+def _stage2(tiny):
+  """A student (heads of 3 and 2 classes) from one frozen component per group."""
   components = [models.create(tiny.models.teacher, p, tiny.models.teacher_width_scale)
                 for p in (3, 2)]
   spec = amalgamate.Amalgamation(
-      net=models.create(tiny.models.student, 5, tiny.models.student_width_scale),
+      net=models.create(tiny.models.student, 5, tiny.models.student_width_scale,
+                        axis_name=train.AXIS),
       frozen_nets=tuple((c,) for c in components), head_sizes=(3, 2),
       bridge_widths=components[0].widths, frozen_bridges=False)
   frozen = {"groups": {str(g): {"stacks": [{
       "nets": teachers.stack_variables([c.init(jax.random.key(g, impl="rbg"), IMAGES[:1])]),
       "index": np.arange(c.num_outputs, dtype=np.int32)[None]}]}
       for g, c in enumerate(components)}}
-  state = _state(spec, frozen, tiny.stage2.optimizer, seed=3)
+  return spec, frozen, _state(spec, frozen, tiny.stage2.optimizer, seed=3)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_the_loss_under_a_plain_jit_takes_the_projects_step(tiny, stage1, stage):
+  """A researcher's loop: the loss under plain jax.jit and value_and_grad, one device,
+  the network built without an axis name, gives the loss and update of the project's
+  data-parallel step on one device."""
+  spec, frozen, state = stage1 if stage == "stage1" else _stage2(tiny)
+  plain = dataclasses.replace(spec, net=spec.net.clone(bn_axis_name=None))
+  grad_fn = jax.jit(jax.value_and_grad(
+      lambda p, s, f, b: amalgamate.amalgamation_loss(plain, p, s, f, b), has_aux=True))
+  (loss, (_, batch_stats)), grads = grad_fn(state.params, state.batch_stats, frozen,
+                                            {"image": IMAGES})
+  mine = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  devices = jax.local_devices()[:1]
+  theirs, metrics = _run(train.train_step(amalgamate.amalgamation_loss, spec, tuple(devices)),
+                         state, frozen, IMAGES, devices)
+  np.testing.assert_allclose(loss, metrics["loss"], rtol=1e-6)
+  chex.assert_trees_all_close(jax.device_get(mine.params), theirs.params, atol=1e-6, rtol=1e-5)
+  chex.assert_trees_all_close(jax.device_get(mine.batch_stats), theirs.batch_stats,
+                              atol=1e-6, rtol=1e-5)
+
+
+def test_student_head_g_learns_from_group_g_only(tiny):
+  """Stage 2: with group 1's logit scale at zero, head 1 gets no logit gradient
+  while head 0 does."""
+  spec, frozen, state = _stage2(tiny)
   state = state.replace(params={**state.params, "groups": {
       "0": state.params["groups"]["0"],
       "1": {**state.params["groups"]["1"], "logit_scale": jnp.zeros(1)}}})
@@ -246,7 +274,8 @@ def test_a_component_learns_the_groups_agreed_rest_logit(tiny):
   (the teacher's mass on its class outside the part) agreed by both teachers."""
   module, nets = _teacher_stack(tiny, (50.0, 0.0))
   spec = amalgamate.Amalgamation(
-      net=models.create(tiny.models.teacher, 4, tiny.models.teacher_width_scale),
+      net=models.create(tiny.models.teacher, 4, tiny.models.teacher_width_scale,
+                        axis_name=train.AXIS),
       frozen_nets=((module,),), head_sizes=(4,),
       bridge_widths=tuple(tiny.stage1.bridge_widths), rest="mean")
   index = np.tile(np.arange(3, dtype=np.int32), (2, 1))

@@ -2,12 +2,9 @@
 jax.export without kamal_jax, and PyTorch; predict on files; bad model folders."""
 import csv
 import json
-import re
-import shlex
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -20,8 +17,6 @@ from torch_nets import TorchResNet
 import kamal_jax
 from kamal_jax import export, main, models, pipeline
 from kamal_jax.third_party import torch_resnet
-
-README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -174,26 +169,3 @@ def test_a_resnet18_exports_under_torchvisions_names_and_reads_back():
   assert module == net
   jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, variables))
 
-
-def test_the_readmes_use_the_student_section_runs(exported, finished, tmp_path, monkeypatch):
-  """Every block of the README's "Use the student", as written: bash lines through
-  the CLI's entry point, Python blocks executed, in a folder where runs/digits is
-  the finished run and my_images/ holds one image."""
-  workdir, _ = finished
-  _, images, _, _ = exported
-  (tmp_path / "runs").mkdir()
-  (tmp_path / "runs" / "digits").symlink_to(workdir)
-  (tmp_path / "my_images").mkdir()
-  Image.fromarray((images[0, ..., 0] * 255).astype(np.uint8)).save(tmp_path / "my_images" / "a.png")
-  monkeypatch.chdir(tmp_path)
-  section = README.read_text().split("## Use the student\n", 1)[1].split("\n## ", 1)[0]
-  blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.S)
-  assert [language for language, _ in blocks].count("python") == 4
-  for language, code in blocks:
-    if language == "bash":
-      for line in code.splitlines():
-        assert main.cli(shlex.split(line, comments=True)) == 0, line
-    else:
-      exec(compile(code, "README.md", "exec"), {})  # pylint: disable=exec-used
-  assert (workdir / "export" / "components" / "part1" / "model.onnx").is_file()
-  assert len(list(csv.DictReader(open("predictions.csv")))) == 1

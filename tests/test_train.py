@@ -19,7 +19,8 @@ KEY = jax.random.key(0, impl="rbg")
 
 @pytest.fixture(scope="module")
 def setup(tiny):
-  module = models.create(tiny.models.teacher, 4, tiny.models.teacher_width_scale)
+  module = models.create(tiny.models.teacher, 4, tiny.models.teacher_width_scale,
+                         axis_name=train.AXIS)
   rng = np.random.default_rng(0)
   images = rng.uniform(size=(64, 8, 8, 1)).astype(np.float32)
   labels = rng.integers(0, 4, size=64).astype(np.int32)

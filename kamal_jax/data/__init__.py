@@ -14,6 +14,10 @@ from kamal_jax.data import folder, tfds_images
 from kamal_jax.data.digits import Digits
 from kamal_jax.data.images import MODES, ArrayImages, EncodedImages, View
 
+__all__ = ["assign_domains", "batch_indices", "BUILDERS", "DOMAINS", "in_domain",
+           "in_domains", "LabeledImages", "load", "local_rows", "NAMES", "shard",
+           "stratified_split", "stream_rng", "view"]
+
 
 class LabeledImages(NamedTuple):
   """Images behind a reader (`images.read(indices, rng)`, see `images`) and their

@@ -7,6 +7,8 @@ read back through `tfds.data_source` like any other tfds dataset.
 import numpy as np
 import tensorflow_datasets as tfds
 
+__all__ = ["CLASS_NAMES", "Digits"]
+
 CLASS_NAMES = tuple(str(d) for d in range(10))
 
 

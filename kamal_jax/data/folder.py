@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+__all__ = ["check_readable", "load", "write"]
+
 
 def _visible(entries):
   return sorted(e for e in entries if not e.name.startswith("."))

@@ -22,6 +22,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+__all__ = ["ArrayImages", "decode", "EncodedImages", "eval_view", "MODES", "THREADS",
+           "train_view", "View"]
+
 MODES = {1: "L", 3: "RGB"}
 THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
 

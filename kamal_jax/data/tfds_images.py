@@ -17,6 +17,8 @@ import tensorflow_datasets as tfds
 from kamal_jax import tasks
 from kamal_jax.data.images import EncodedImages, View
 
+__all__ = ["builder", "heads", "load", "SPLITS"]
+
 SPLITS = ("train", "test")
 
 

@@ -32,11 +32,13 @@ DTYPES = ("float32", "bfloat16")
 
 
 def create(arch: str, num_outputs: int, width_scale: float = 1.0,
-           dtype: str = "float32") -> ResNet:
+           dtype: str = "float32", axis_name: str | None = None) -> ResNet:
   """The named architecture with every width scaled (rounded) by `width_scale`.
 
   dtype is the compute type ('bfloat16' on GPU/TPU); parameters, batch statistics
-  and the returned logits and feature taps stay float32.
+  and the returned logits and feature taps stay float32. axis_name: the
+  data-parallel axis of the step that trains it (`ResNet.bn_axis_name`), None under
+  plain `jit` on one device.
   """
   if arch not in ARCHS:
     raise ValueError(f"Unknown model {arch!r}: use one of {sorted(ARCHS)}.")
@@ -45,7 +47,8 @@ def create(arch: str, num_outputs: int, width_scale: float = 1.0,
   spec = ARCHS[arch]
   widths = tuple(int(round(w * width_scale)) for w in spec.widths)
   return ResNet(widths=widths, blocks=spec.blocks, num_outputs=num_outputs,
-                block=spec.block, small_input=spec.small_input, dtype=jnp.dtype(dtype))
+                block=spec.block, small_input=spec.small_input, bn_axis_name=axis_name,
+                dtype=jnp.dtype(dtype))
 
 
 def with_backbone(variables: dict, backbone: dict) -> dict:

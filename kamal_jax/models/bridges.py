@@ -10,6 +10,8 @@ import jax.numpy as jnp
 
 from kamal_jax.models import conv
 
+__all__ = ["Bridges"]
+
 
 class Bridges(nn.Module):
   widths: Sequence[int]  # output channels per tap

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+__all__ = ["as_product", "conv_general_dilated", "SMALL_OUTPUT"]
+
 SMALL_OUTPUT = 4  # output pixels (H x W) up to which CPU convolutions are products
 _LAYOUT = ("NHWC", "HWIO", "NHWC")
 

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 
 from kamal_jax.models import conv
 
+__all__ = ["Block", "BLOCKS", "Outputs", "ResNet"]
+
 
 class Outputs(NamedTuple):
   logits: jnp.ndarray  # [B, C]
@@ -71,15 +73,17 @@ class ResNet(nn.Module):
     num_outputs: total logits (sum of the head sizes).
     small_input: a 3x3 stride-1 stem and no max-pool (8x8 or 32x32 images)
       instead of the ImageNet 7x7 stride-2 stem and 3x3 max-pool.
-    bn_axis_name: the data-parallel axis; batch statistics are computed over the
-      whole global batch, so a step on N devices equals the step on one.
+    bn_axis_name: the data-parallel axis the caller's step maps over, or None (the
+      default: plain `jit`/`grad` on one device). With it, training-mode batch
+      statistics are computed over the whole global batch, so a step on N devices
+      equals the step on one; the project's own step names `train.AXIS`.
   """
   widths: Sequence[int]
   blocks: Sequence[int]
   num_outputs: int
   block: str = "basic"
   small_input: bool = False
-  bn_axis_name: str | None = "batch"
+  bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact

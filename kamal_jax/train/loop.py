@@ -23,6 +23,9 @@ from kamal_jax import files
 from kamal_jax.train.state import TrainState
 from kamal_jax.train.step import replicate, train_step, unreplicate
 
+__all__ = ["CHECKSUMS", "fit", "MetricLog", "NonFiniteLossError", "restore_finished",
+           "Schedule"]
+
 
 class NonFiniteLossError(RuntimeError):
   pass

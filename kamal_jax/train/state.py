@@ -9,6 +9,9 @@ import ml_collections
 import optax
 from flax.training import train_state
 
+__all__ = ["count_params", "create_state", "make_optimizer", "param_group",
+           "TrainState"]
+
 
 class TrainState(train_state.TrainState):
   batch_stats: Any

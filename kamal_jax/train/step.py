@@ -4,10 +4,12 @@ A loss function has the signature
   loss_fn(spec, params, batch_stats, frozen, batch) -> (loss, (metrics, new_batch_stats))
 where `spec` is a hashable description of the networks (static), `frozen` holds the
 networks that only give targets (teachers, components) and `batch` is this device's
-shard. The step is `jax.pmap`ped over all local devices with the axis name 'batch';
+shard. The step is `jax.pmap`ped over all local devices with the axis name AXIS;
 gradients and metrics are averaged across devices with `lax.pmean`. Batch statistics
-need no averaging: every BatchNorm of a trained network normalises over the global
-batch (its axis_name is 'batch'), so they already agree on all devices.
+need no averaging: the networks the project trains are built with AXIS as their
+BatchNorm axis (`models.create(..., axis_name=AXIS)`), so each normalises over the
+global batch and the statistics already agree on all devices. The losses themselves
+name no axis: under a caller's plain `jit` they run on one device as they are.
 """
 import functools
 from typing import Callable, Hashable
@@ -17,6 +19,8 @@ import numpy as np
 import optax
 
 from kamal_jax.train.state import TrainState
+
+__all__ = ["AXIS", "replicate", "train_step", "unreplicate"]
 
 AXIS = "batch"
 
