@@ -69,7 +69,7 @@ LOGIT_LOSSES = {
 def _train_apply(module: nn.Module, params, batch_stats, x):
   outputs, updates = module.apply({"params": params, "batch_stats": batch_stats}, x,
                                   train=True, mutable=["batch_stats"])
-  return outputs, updates["batch_stats"]
+  return outputs, updates.get("batch_stats", {})
 
 
 def _bridge(widths, bridge_params, feats, stacked_feats: bool) -> tuple:
@@ -230,4 +230,4 @@ def init(spec: Amalgamation, key, frozen_shapes, x) -> dict:
           _init_bridges(k, spec.bridge_widths, widths, count)
           for k, widths, count in zip(keys[1:], in_widths, counts)]
   return {"params": {"net": variables["params"], "groups": groups},
-          "batch_stats": variables["batch_stats"]}
+          "batch_stats": variables.get("batch_stats", {})}

@@ -85,6 +85,9 @@ def describe(network: str, module: models.ResNet, heads, preprocessing: Preproce
              provenance: dict) -> dict:
   """The content of model.json (but its 'files', which `write` adds)."""
   heads = tuple(heads)
+  if not isinstance(module, models.ResNet):
+    raise ValueError(f"{network} is a {type(module).__name__}: export writes ResNets (under "
+                     "torchvision's names); save your own module's variables yourself.")
   if sum(h.width for h in heads) != module.num_outputs:
     raise ValueError(f"{network}: heads of {sum(h.width for h in heads)} outputs for a "
                      f"network of {module.num_outputs}.")

@@ -435,7 +435,8 @@ def train_student(run: Run, pool: list[teachers.TeacherStack], components) -> di
   else:  # two_stage: head g regresses component g on every image, no selection
     modules = [_component_arch(run.config, group) for group in plan.groups]
     spec = _amalgamation(run, student, _student_heads(run), [(m,) for m in modules],
-                         bridge_widths=tuple(modules[0].widths), frozen_bridges=False,
+                         bridge_widths=models.tap_widths(modules[0], run.images(run.test_indices[:1])),
+                         frozen_bridges=False,
                          selection="least", feature_weight=1.0, logit_loss="mse")
     frozen = {"groups": {str(g): {"stacks": [{  # a component's rest is its last output
         "nets": teachers.stack_variables([c]),
@@ -761,7 +762,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   result["timings"] = timings
   if _primary():
     report.write(result, workdir)
-    if student is not None:
+    if student is not None and isinstance(_student_arch(run), models.ResNet):
       export_networks(run, pool, components, student, "student", workdir / "export")
   return result
 

@@ -180,7 +180,7 @@ def supervised_loss(spec: Supervised, params, batch_stats, frozen, batch):
              for h, z in enumerate(heads))
     accuracy = jnp.mean(jnp.stack([jnp.argmax(z, -1) == labels[:, h]
                                    for h, z in enumerate(heads)]))
-    return jnp.mean(ce), accuracy, updates["batch_stats"]
+    return jnp.mean(ce), accuracy, updates.get("batch_stats", {})
 
   ce, accuracy, batch_stats = map_stacked(one, params["net"], batch_stats,
                                           batch["image"], batch["label"], in_step=True)

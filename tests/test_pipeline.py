@@ -10,7 +10,7 @@ import pytest
 
 import ml_collections
 
-from kamal_jax import bench, pipeline, teachers, train
+from kamal_jax import bench, main, pipeline, teachers, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -213,3 +213,40 @@ def test_teacher_classes_the_dataset_lacks_are_named(tiny, tmp_path):
                                        r"\(10 classes"):
     pipeline.train_and_evaluate(bad, str(tmp_path / "new"))
   assert not (tmp_path / "new").exists()
+
+
+USER_MODULE = '''
+import flax.linen as nn
+from kamal_jax.models import Outputs
+
+
+class SmallCNN(nn.Module):
+  """Not a ResNet: plain strided convolutions, taps after each, other widths."""
+  num_outputs: int
+  width: int = 4
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    feats = []
+    for i, stride in enumerate((1, 1, 2, 2, 2)):
+      x = nn.Conv(self.width * (1 + i // 2), (3, 3), stride)(x)
+      feats.append(x)
+      x = nn.relu(nn.BatchNorm(use_running_average=not train,
+                               axis_name=self.axis_name if train else None)(x))
+    return Outputs(nn.Dense(self.num_outputs)(x.mean(axis=(1, 2))), tuple(feats))
+'''
+
+
+def test_a_users_own_teacher_module_amalgamates_through_the_cli(data_dir, tmp_path):
+  """Teachers and components of the user's module (named from the config, with a
+  keyword), the student our ResNet, through the CLI's entry point."""
+  (tmp_path / "my_nets.py").write_text(USER_MODULE)
+  workdir = tmp_path / "run"
+  arch = f"{tmp_path / 'my_nets.py'}:SmallCNN(width=3)"
+  assert main.cli(["kamal-jax", f"--config=tests/tiny_config.py:{data_dir}",
+                   f"--workdir={workdir}", f"--config.models.teacher={arch}"]) == 0
+  result = json.loads((workdir / "report.json").read_text())
+  assert result["teachers"][0]["params"] < 3000 < result["student"]["params"]
+  assert (workdir / "export" / "student" / "model.onnx").is_file()
+  assert main.cli(["kamal-jax", "export", f"--workdir={workdir}", "--network=teachers"]) == 2

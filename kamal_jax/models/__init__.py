@@ -1,6 +1,20 @@
-"""Networks by name: `create(arch, num_outputs, width_scale)`."""
-import dataclasses
+"""Networks by name: `create(arch, num_outputs, width_scale)`.
 
+A name is one of ARCHS (ResNets with feature taps), or a user's own Flax module:
+'package.module:ClassName' or 'path/to/file.py:ClassName', optionally with keyword
+arguments as Python literals, 'my_nets.py:SmallCNN(width=16)'. Such a module must
+return `Outputs(logits, feats)` from `__call__(x, train: bool)` and take
+`num_outputs` (the number of logits); a field named `axis_name` receives the
+data-parallel axis of the step that trains it (for its BatchNorms).
+"""
+import ast
+import dataclasses
+import functools
+import importlib
+import importlib.util
+from pathlib import Path
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
@@ -40,8 +54,11 @@ def create(arch: str, num_outputs: int, width_scale: float = 1.0,
   data-parallel axis of the step that trains it (`ResNet.bn_axis_name`), None under
   plain `jit` on one device.
   """
+  if ":" in arch:
+    return _user_module(arch, num_outputs, axis_name)
   if arch not in ARCHS:
-    raise ValueError(f"Unknown model {arch!r}: use one of {sorted(ARCHS)}.")
+    raise ValueError(f"Unknown model {arch!r}: use one of {sorted(ARCHS)}, or your own "
+                     "module as 'package.module:ClassName' or 'file.py:ClassName'.")
   if dtype not in DTYPES:
     raise ValueError(f"Unknown compute dtype {dtype!r}: use one of {DTYPES}.")
   spec = ARCHS[arch]
@@ -49,6 +66,53 @@ def create(arch: str, num_outputs: int, width_scale: float = 1.0,
   return ResNet(widths=widths, blocks=spec.blocks, num_outputs=num_outputs,
                 block=spec.block, small_input=spec.small_input, bn_axis_name=axis_name,
                 dtype=jnp.dtype(dtype))
+
+
+@functools.cache
+def _user_class(where: str, name: str) -> type:
+  """The class `name` of a module path or a .py file (loaded once: a second create
+  gives an equal module, as stacking and compiled-step caching need)."""
+  if where.endswith(".py"):
+    spec = importlib.util.spec_from_file_location(Path(where).stem, Path(where).expanduser())
+    if spec is None or not Path(where).expanduser().is_file():
+      raise ValueError(f"no such file {where!r}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  else:
+    module = importlib.import_module(where)
+  return getattr(module, name)
+
+
+def _user_module(arch: str, num_outputs: int, axis_name: str | None):
+  """'where:ClassName' or 'where:ClassName(key=literal, ...)' -> the module."""
+  where, _, call = arch.partition(":")
+  name, _, arguments = call.partition("(")
+  try:
+    kwargs = {}
+    if arguments:
+      parsed = ast.parse(f"f({arguments}", mode="eval").body
+      if parsed.args:
+        raise ValueError("give its arguments by keyword")
+      kwargs = {k.arg: ast.literal_eval(k.value) for k in parsed.keywords}
+    cls = _user_class(where, name.strip())
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if "num_outputs" not in fields:
+      raise ValueError(f"{name} has no field num_outputs (the number of logits)")
+    if "axis_name" in fields:
+      kwargs["axis_name"] = axis_name
+    return cls(num_outputs=num_outputs, **kwargs)
+  except (ImportError, AttributeError, SyntaxError, TypeError, ValueError, OSError) as error:
+    raise ValueError(f"Model {arch!r}: {error}: name a Flax module as "
+                     "'package.module:ClassName' or 'file.py:ClassName(key=value, ...)'.") \
+        from error
+
+
+def tap_widths(module, x) -> tuple[int, ...]:
+  """The channels of each feature tap of `module` on images like x [1, H, W, C]
+  (shapes only: nothing runs)."""
+  def feats():
+    return module.apply(module.init(jax.random.key(0), x), x, train=False).feats
+  return tuple(f.shape[-1] for f in jax.eval_shape(feats))
 
 
 def with_backbone(variables: dict, backbone: dict) -> dict:
@@ -71,4 +135,5 @@ def with_backbone(variables: dict, backbone: dict) -> dict:
   return traverse_util.unflatten_dict(flat)
 
 
-__all__ = ["ARCHS", "Arch", "Bridges", "Outputs", "ResNet", "conv", "create", "with_backbone"]
+__all__ = ["ARCHS", "Arch", "Bridges", "Outputs", "ResNet", "conv", "create", "tap_widths",
+           "with_backbone"]
