@@ -160,17 +160,25 @@ def _group_loss(spec: Amalgamation, g: int, params, frozen, x, logits, feats, ke
 
 
 def amalgamation_loss(spec: Amalgamation, params, batch_stats, frozen, batch):
-  """The loss of one step.
+  """The loss of one step: a pure function, for `jax.value_and_grad` in any loop.
 
-  frozen: {'groups': {str(g): {'stacks': [{'nets': stacked variables [K_s, ...],
-  'index': [K_s, P] logit positions of the part in each network, 'outside': [K_s, C_s]
-  bool, the classes of the head that holds the part, but the part's (read where
-  spec.rest)}, one per stack]}}}.
-  batch: {'image': [B, H, W, C]}, plus 'key' (raw PRNG key data) for the random
-  rule and 'label' ([B, G]: each image's position in head g's part, -1 outside it)
-  for the oracle rule (no other stage-1 or stage-2 batch carries labels); plus
-  'frozen' where the frozen networks' outputs on these images were computed before
-  the stage ({str(g): [Outputs [B, K_s, ...] per stack]}): then they do not run.
+  Args:
+    spec: what is trained and how (static).
+    params: {'net': the trained network's params, 'groups': {str(g): its bridges and
+      logit scales}}, as `init` makes them.
+    batch_stats: the trained network's batch statistics.
+    frozen: {'groups': {str(g): {'stacks': [{'nets': stacked variables [K_s, ...],
+      'index': [K_s, P] logit positions of the part in each network, 'outside':
+      [K_s, C_s] bool, the classes of the head that holds the part, but the part's
+      (read where spec.rest)}, one per stack]}}}.
+    batch: {'image': [B, H, W, C]}, plus 'key' (raw PRNG key data) for the random
+      rule and 'label' ([B, G]: each image's position in head g's part, -1 outside
+      it) for the oracle rule (no other stage-1 or stage-2 batch carries labels);
+      plus 'frozen' where the frozen networks' outputs on these images were computed
+      before the stage ({str(g): [Outputs [B, K_s, ...] per stack]}): then they do
+      not run.
+  Returns:
+    (loss [], (metrics {'g/name': per-group values}, new batch_stats)).
   """
   x = batch["image"]
   net, batch_stats = _train_apply(spec.net, params["net"], batch_stats, x)
@@ -202,9 +210,17 @@ def _init_bridges(key, widths, in_widths, count: int):
 
 
 def init(spec: Amalgamation, key, frozen_shapes, x) -> dict:
-  """Initial {'params', 'batch_stats'}. frozen_shapes: the structure of `frozen`
-  (shapes suffice: `jax.eval_shape` reads the frozen networks' taps); x is an
-  example batch [1, H, W, C]."""
+  """The initial variables of a stage.
+
+  Args:
+    spec: the stage.
+    key: a PRNG key.
+    frozen_shapes: the structure of `frozen` (see `amalgamation_loss`); shapes
+      suffice: `jax.eval_shape` reads the frozen networks' taps.
+    x: an example batch [1, H, W, C].
+  Returns:
+    {'params': {'net', 'groups'}, 'batch_stats'}.
+  """
   k_net, k_groups = jax.random.split(key)
   variables = spec.net.init(k_net, x, train=False)
   net_taps = _tap_shapes(spec.net, variables, x)
