@@ -17,7 +17,7 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 import kamal_jax
 from kamal_jax import evaluate, pipeline, predict
@@ -42,6 +42,7 @@ def _median_seconds(fn) -> float:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)
   workdir = Path(FLAGS.workdir)
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   run = pipeline.prepare(config, workdir, ())
