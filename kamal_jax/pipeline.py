@@ -1,4 +1,5 @@
-"""The whole run, one way: config -> plan -> teachers -> stage 1 -> stage 2 -> report.
+"""The whole run, one way: config -> plan -> teachers -> stage 1 -> stage 2 -> report
+-> the student exported (`export_networks`, into WORKDIR/export/student).
 
 Each stage trains through `train.fit`, which resumes from the stage's checkpoints and
 never retrains a finished stage; a later stage restores what the earlier ones left.
