@@ -107,6 +107,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # outputs (the teachers' in stage 1, the components' in stage 2) are computed once
   # per image and kept, if they fit in this many MB a stage; 0: they run every step.
   c.frozen_output_cache_mb = 1024
+  # The graphs a finished run exports beside model.json and model.safetensors
+  # (kamal_jax.export; `kamal-jax export` writes them all).
+  c.export_graphs = ("model.jax_exported", "model.onnx")
   c.log_every = 50
   c.checkpoint_every = 100
 

@@ -161,11 +161,12 @@ def _file_entry(path: Path) -> dict:
 
 
 def write(directory: Path, module: models.ResNet, variables, description: dict,
-          check_images: np.ndarray) -> dict:
+          check_images: np.ndarray, graphs=tuple(GRAPHS)) -> dict:
   """Writes the model folder at `directory` (replacing one there only once the new
-  one is complete) and returns its model.json. check_images [N, S, S, C] (the
-  network's input, preprocessed): each exported graph must reproduce the JAX logits
-  on them within TOLERANCE, or the export fails and nothing is replaced."""
+  one is complete) and returns its model.json; `graphs`: which of GRAPHS to write.
+  check_images [N, S, S, C] (the network's input, preprocessed): each exported graph
+  must reproduce the JAX logits on them within TOLERANCE, or the export fails and
+  nothing is replaced."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   from kamal_jax.third_party import torch_resnet  # pylint: disable=g-import-not-at-top
   directory = Path(directory)
@@ -180,6 +181,9 @@ def write(directory: Path, module: models.ResNet, variables, description: dict,
   files = {WEIGHTS: _file_entry(staging / WEIGHTS)}
   extra = has_export_extra()
   for name, make in GRAPHS.items():
+    if name not in graphs:
+      files[name] = {"missing": "not asked for: kamal-jax export writes it"}
+      continue
     if not extra:
       files[name] = {"missing": "needs the export extra: pip install 'kamal-jax[export]'"}
       continue

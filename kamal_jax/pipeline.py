@@ -563,6 +563,9 @@ def validate(config: ml_collections.ConfigDict):
     if value not in allowed:
       raise ValueError(f"{name}={value!r}: use one of {list(allowed)}.")
   ambiguity.get(config.stage1.ambiguity)
+  unknown = sorted(set(config.export_graphs) - set(export.GRAPHS))
+  if unknown:
+    raise ValueError(f"export_graphs names {unknown}: use some of {list(export.GRAPHS)}.")
   if len(config.data.mean) != len(config.data.std) or min(config.data.std, default=1) <= 0:
     raise ValueError(f"data.mean {tuple(config.data.mean)} and data.std "
                      f"{tuple(config.data.std)}: give one of each per channel, std > 0.")
@@ -610,8 +613,9 @@ def _backbone(config: ml_collections.ConfigDict, channels: int) -> dict | None:
   return variables
 
 
-# Config fields that change how often a run logs and checkpoints, never its results.
-CADENCE = ("log_every", "checkpoint_every")
+# Config fields that change how often a run logs and checkpoints, or what it exports,
+# never its results.
+CADENCE = ("log_every", "checkpoint_every", "export_graphs")
 
 
 def _flat(tree, prefix: str = "") -> dict:
@@ -764,15 +768,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if _primary():
     report.write(result, workdir)
     if student is not None and isinstance(_student_arch(run), models.ResNet):
-      export_networks(run, pool, components, student, "student", workdir / "export")
+      export_networks(run, pool, components, student, "student", workdir / "export",
+                      tuple(config.export_graphs))
   return result
 
 
 def export_networks(run: Run, pool: list[teachers.TeacherStack], components, student,
-                    network: str, out: Path) -> list[Path]:
-  """Writes model folders (`export.write`) of the run's student (out/student), its
-  components (out/components/<part>) or its teachers (out/teachers/<name>), checked
-  on the first test images; returns the folders."""
+                    network: str, out: Path, graphs=tuple(export.GRAPHS)) -> list[Path]:
+  """Writes model folders (`export.write`, with the given graphs) of the run's
+  student (out/student), its components (out/components/<part>) or its teachers
+  (out/teachers/<name>), checked on the first test images; returns the folders."""
   plan = run.plan
   if network == "student":
     if student is None:
@@ -803,7 +808,7 @@ def export_networks(run: Run, pool: list[teachers.TeacherStack], components, stu
                 "seed": run.config.seed, "config_sha256": hashlib.sha256(config_text).hexdigest()}
   for directory, module, variables, heads in networks:
     description = export.describe(directory.name, module, heads, preprocessing, provenance)
-    export.write(directory, module, variables, description, check)
+    export.write(directory, module, variables, description, check, graphs)
   return [directory for directory, *_ in networks]
 
 

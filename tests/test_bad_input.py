@@ -89,6 +89,8 @@ CASES = [
      r"ambiguity.*'variance'"),
     ("unknown selection rule", "{tiny} --config.stage1.selection=best", r"stage1.selection='best'"),
     ("unknown rest", "{tiny} --config.stage1.rest=all", r"stage1.rest='all': use one of"),
+    ("unknown export graph", "{tiny} --config.export_graphs=\"('model.tflite',)\"",
+     r"export_graphs names \['model.tflite'\]"),
     ("unknown pipeline", "{tiny} --config.pipeline=three_stage", r"pipeline='three_stage'"),
     ("unknown dataset", "{tiny} --config.data.name=imagenet", r"Unknown dataset 'imagenet'"),
     ("unknown model", "{tiny} --config.models.teacher=vgg16", r"Unknown model 'vgg16'"),

@@ -248,5 +248,5 @@ def test_a_users_own_teacher_module_amalgamates_through_the_cli(data_dir, tmp_pa
                    f"--workdir={workdir}", f"--config.models.teacher={arch}"]) == 0
   result = json.loads((workdir / "report.json").read_text())
   assert result["teachers"][0]["params"] < 3000 < result["student"]["params"]
-  assert (workdir / "export" / "student" / "model.onnx").is_file()
+  assert (workdir / "export" / "student" / "model.safetensors").is_file()
   assert main.cli(["kamal-jax", "export", f"--workdir={workdir}", "--network=teachers"]) == 2

@@ -41,8 +41,10 @@ def test_the_library_example_trains_in_a_plain_jit_loop(capsys):
 
 
 def test_the_use_the_student_section_runs(finished, tmp_path, monkeypatch):
-  """In a folder where runs/digits is the finished run and my_images/ holds one image."""
+  """In a folder where runs/digits is the finished run (its student exported with
+  every graph, as the default config exports it) and my_images/ holds one image."""
   workdir, _ = finished
+  assert main.cli(["kamal-jax", "export", f"--workdir={workdir}"]) == 0
   (tmp_path / "runs").mkdir()
   (tmp_path / "runs" / "digits").symlink_to(workdir)
   (tmp_path / "my_images").mkdir()

@@ -19,4 +19,5 @@ def get_config(data_dir: str = ""):
   c.eval_batch_size = 128
   c.log_every = 2
   c.checkpoint_every = 2
+  c.export_graphs = ()  # tests/test_export.py exports the graphs once
   return c
