@@ -29,8 +29,8 @@ from kamal_jax import (ambiguity, amalgamate, compilation, data, evaluate, expor
 
 __all__ = ["amalgamate_groups", "CADENCE", "config_drift", "enable_compilation_cache",
            "evaluate_all", "export_networks", "export_workdir", "NETWORKS", "PIPELINES",
-           "prepare", "Run", "sharded", "StageNotReadyError", "STAGES",
-           "supervised_stages", "train_and_evaluate", "train_student",
+           "prepare", "restore_networks", "Run", "sharded", "StageNotReadyError",
+           "STAGES", "supervised_stages", "train_and_evaluate", "train_student",
            "train_supervised", "train_teachers", "validate", "workdir_for"]
 
 STAGES = ("teachers", "stage1", "stage2", "evaluate")
@@ -823,10 +823,20 @@ def export_workdir(workdir: Path, network: str, out: Path | None = None) -> list
   config = ml_collections.ConfigDict(json.loads(saved.read_text()))
   run = prepare(config, workdir, ())
   try:
-    pool = train_teachers(run)
-    components = amalgamate_groups(run, pool) if config.pipeline == "two_stage" else []
-    student = None if config.pipeline == "ensemble" else train_student(run, pool, components)
+    pool, components, student = restore_networks(run)
   finally:
     run.log.close()
   return export_networks(run, pool, components, student, network,
                          Path(out) if out else workdir / "export")
+
+
+def restore_networks(run: Run):
+  """A finished run's teachers (stacks), components ([] where the pipeline has none)
+  and student (None for the ensemble), restored from their checkpoints; a stage that
+  has not finished raises StageNotReadyError (`prepare(config, workdir, ())` trains
+  nothing)."""
+  pool = train_teachers(run)
+  components = amalgamate_groups(run, pool) if run.config.pipeline == "two_stage" else []
+  student = (None if run.config.pipeline == "ensemble"
+             else train_student(run, pool, components))
+  return pool, components, student

@@ -12,6 +12,7 @@ one joint rule (`joint.decide`) over the heads.
 """
 import csv
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -120,14 +121,10 @@ def decide(heads: Sequence[export.Head], logits: np.ndarray) -> Predictions:
                      [part_of[i] for i in decided], head_classes, logits)
 
 
-_APPLIED = {}
-
-
+@functools.cache
 def _apply(module: models.ResNet):
   """One jitted eval-mode forward per module."""
-  if module not in _APPLIED:
-    _APPLIED[module] = jax.jit(lambda v, x: module.apply(v, x, train=False).logits)
-  return _APPLIED[module]
+  return jax.jit(lambda v, x: module.apply(v, x, train=False).logits)
 
 
 def load(directory) -> Model:

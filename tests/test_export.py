@@ -28,9 +28,9 @@ def exported(tiny, finished):
   assert json.loads((workdir / "export" / "student" / "model.json").read_text())[
       "files"]["model.onnx"] == {"missing": "not asked for: kamal-jax export writes it"}
   run = pipeline.prepare(tiny, workdir, ())
-  pool = pipeline.train_teachers(run)  # all restored: nothing trains
-  student = pipeline.train_student(run, pool, pipeline.amalgamate_groups(run, pool))
-  folder, = pipeline.export_networks(run, pool, [], student, "student", workdir / "export")
+  pool, components, student = pipeline.restore_networks(run)
+  folder, = pipeline.export_networks(run, pool, components, student, "student",
+                                     workdir / "export")
   run.log.close()
   images = run.images(run.test_indices)
   return folder, images, run.dataset.labels[run.test_indices, 0], student
