@@ -114,7 +114,7 @@ def module_of(description: dict) -> models.ResNet:
   arch = description["architecture"]
   return models.ResNet(widths=tuple(arch["widths"]), blocks=tuple(arch["blocks"]),
                        num_outputs=arch["num_outputs"], block=arch["block"],
-                       small_input=arch["small_input"], bn_axis_name=None)
+                       small_input=arch["small_input"])
 
 
 def logits_fn(module: models.ResNet, variables):

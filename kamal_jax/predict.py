@@ -144,7 +144,7 @@ def load(directory) -> Model:
   except (ValueError, KeyError, TypeError) as error:
     raise ValueError(f"--model {directory}: damaged model folder ({error}): export it "
                      "again with `kamal-jax export`.") from error
-  if loaded.clone(dtype=module.dtype, bn_axis_name=None) != module:
+  if loaded.clone(dtype=module.dtype) != module:
     raise ValueError(f"--model {directory}: {export.WEIGHTS} holds a network of widths "
                      f"{loaded.widths} and {loaded.num_outputs} outputs, not the one "
                      f"{export.DESCRIPTION} describes: export it again.")
