@@ -46,15 +46,15 @@ def main(argv):
   workdir = Path(FLAGS.workdir)
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   run = pipeline.prepare(config, workdir, ())
-  _, _, student = pipeline.restore_networks(run)
+  student = pipeline.restore_networks(run).student
   run.log.close()
   indices = np.tile(run.test_indices, FLAGS.copies)
   images = run.images(indices)
   model = kamal_jax.load(workdir / "export" / "student")
-  arch = pipeline._student_arch(run)  # pylint: disable=protected-access
   rows = {
       "evaluate.predict": _median_seconds(lambda: evaluate.predict(
-          arch, student, lambda at: images[at], len(images), config.eval_batch_size)),
+          student.module, student.variables, lambda at: images[at], len(images),
+          config.eval_batch_size)),
       "Model.logits": _median_seconds(lambda: model.logits(images)),
   }
   with tempfile.TemporaryDirectory() as scratch:

@@ -1,7 +1,7 @@
 """Seconds per step and per epoch of a setup's three train steps, at its real sizes.
 
-Builds the programs the pipeline runs for a config (the teachers' stacked training
-step, a component's stage-1 step from its group, the student's stage-2 step), with
+Builds the programs the pipeline runs for a config (a teacher's training step from
+labels, a component's stage-1 step from its group, the student's stage-2 step), with
 random weights and images, and times each after compiling. Prints a markdown table.
 
   python benchmarks/setup_steps.py --config=configs/class_setup.py --epoch_images=6000
@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from kamal_jax import amalgamate, models, pipeline, tasks, teachers, train
+from kamal_jax import amalgamate, models, parallel, pipeline, supervised, tasks, teachers, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (get_config()).")
@@ -38,8 +38,8 @@ def _init(module, x, count: int, seed: int):
 
 def _time(step, state, frozen, batch, steps: int) -> tuple[float, float]:
   """(compile + first step, median step) in seconds."""
-  devices = jax.local_devices()
-  state, frozen = train.replicate(state, devices), train.replicate(frozen, devices)
+  state, frozen, batch = (parallel.replicated(state), parallel.replicated(frozen),
+                          parallel.split(batch))
   start = time.perf_counter()
   state, metrics = step(state, frozen, batch)
   jax.block_until_ready(metrics)
@@ -68,21 +68,18 @@ def main(argv):
   x = _images(config, 1, rng)
   rows = []
 
-  # The teachers' step as the pipeline trains the pool (`pipeline.supervised_stages`):
-  # all in one stack, or (CPU) one stage per teacher; each on its own batch.
+  # A teacher's step from labels (each teacher is a stage of its own).
   pool = _init(teacher, x, len(spaces), 0)
-  stages = pipeline.supervised_stages("teachers", tuple(spaces))
-  count, batch_size = len(stages[0][1]), config.teacher_training.batch_size
-  variables = teachers.take(pool, range(count))
-  state = train.create_state({"params": {"net": variables["params"]},
-                              "batch_stats": variables["batch_stats"]},
+  batch_size = config.teacher_training.batch_size
+  state = train.create_state({"params": {"net": teachers.take(pool, 0)["params"]},
+                              "batch_stats": teachers.take(pool, 0)["batch_stats"]},
                              config.teacher_training.optimizer, 100)
-  spec = teachers.Supervised(teacher, tuple(len(h.classes) for h in spaces[group.teachers[0]].heads))
-  labels = rng.integers(0, 2, size=(count, batch_size, len(spec.head_sizes))).astype(np.int32)
-  batch = pipeline.sharded({"image": np.stack([_images(config, batch_size, rng)] * count),
-                             "label": labels}, axis=1)
-  rows.append((f"teachers ({count} per step, {len(stages)} stage(s))", batch_size, *_time(
-      train.train_step(teachers.supervised_loss, spec), state, None, batch, FLAGS.steps)))
+  spec = supervised.Supervised(teacher, tuple(
+      len(h.classes) for h in spaces[group.teachers[0]].heads))
+  batch = {"image": _images(config, batch_size, rng),
+           "label": rng.integers(0, 2, size=(batch_size, len(spec.head_sizes))).astype(np.int32)}
+  rows.append(("teacher (one per stage)", batch_size, *_time(
+      train.train_step(supervised.supervised_loss, spec), state, None, batch, FLAGS.steps)))
 
   # Stage 1: a component from its group; stage 2: the student from the components.
   component = models.create(cfg.teacher, len(group.part.classes), cfg.teacher_width_scale,
@@ -108,7 +105,7 @@ def main(argv):
     state = jax.jit(lambda: train.create_state(
         amalgamate.init(spec, jax.random.key(2, impl="rbg"), shapes, x),
         cfg_stage.optimizer, 100))()
-    batch = pipeline.sharded({"image": _images(config, cfg_stage.batch_size, rng)})
+    batch = {"image": _images(config, cfg_stage.batch_size, rng)}
     rows.append((name, cfg_stage.batch_size, *_time(
         train.train_step(amalgamate.amalgamation_loss, spec), state, frozen, batch,
         FLAGS.steps)))

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kamal_jax import amalgamate, models, pipeline, teachers, train
+from kamal_jax import amalgamate, models, parallel, pipeline, teachers, train
 from kamal_jax.configs import digits
 from kamal_jax.third_party import torch_resnet
 from kamal_jax.third_party.torch_nets import TorchResNet
@@ -124,11 +124,10 @@ def _stacked_bridges(bridge_sets) -> dict:
           for l in range(len(bridge_sets[0].taps))}
 
 
-def jax_step(problem: Problem, start: "TorchAmalgamation", dtype: str = "float32"):
-  """A callable running one kamal_jax train step (pmapped over the local devices, state
-  donated, compute in `dtype`) and returning its metrics, and one returning the step's
-  FLOPs (XLA's cost analysis). Every trainable starts from `start`'s values (take them before its
-  first step), so both sides compute the same numbers."""
+def jax_inputs(problem: Problem, start: "TorchAmalgamation", dtype: str = "float32"):
+  """A kamal_jax stage-1 or stage-2 step's spec and host inputs (state, frozen,
+  batch), compute in `dtype`; every trainable starts from `start`'s values (take them
+  before its first step), so both sides compute the same numbers."""
   module, variables = _flax(problem.net, dtype)
   module = module.clone(bn_axis_name=train.AXIS)  # trained by the project's step
   frozen_modules, frozen, groups = [], {"groups": {}}, {}
@@ -145,14 +144,23 @@ def jax_step(problem: Problem, start: "TorchAmalgamation", dtype: str = "float32
       net=module, frozen_nets=tuple(frozen_modules), head_sizes=problem.head_sizes,
       bridge_widths=problem.bridge_widths, frozen_bridges=problem.frozen_bridges,
       selection=start.selection)
-  state = train.replicate(train.create_state(
+  state = train.create_state(
       {"params": {"net": variables["params"], "groups": groups},
        "batch_stats": variables["batch_stats"]},
-      digits.optimizer(LEARNING_RATE, BRIDGE_LEARNING_RATE), 10**6))
-  frozen = train.replicate(frozen)
-  batch = pipeline.sharded({"image": problem.images})
+      digits.optimizer(LEARNING_RATE, BRIDGE_LEARNING_RATE), 10**6)
+  return spec, state, frozen, {"image": problem.images}
+
+
+def jax_step(problem: Problem, start: "TorchAmalgamation", dtype: str = "float32"):
+  """A callable running one kamal_jax train step (on every device, state donated,
+  compute in `dtype`; see `jax_inputs`) and returning its metrics, and one returning
+  the step's FLOPs (XLA's cost analysis)."""
+  spec, state, frozen, batch = jax_inputs(problem, start, dtype)
+  state, frozen, batch = parallel.replicated(state), parallel.replicated(frozen), \
+      parallel.split(batch)
   step = train.train_step(amalgamate.amalgamation_loss, spec)
-  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype,
+                                                       sharding=a.sharding),
                         (state, frozen, batch))
 
   def run():

@@ -29,17 +29,23 @@ Trainable parameters: {'net': the network, 'groups': {str(g): {
   'logit_scale': [K] learnable scalars m_k}}}; k runs over the group's stacks in order.
 """
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from absl import logging
 
-from kamal_jax import ambiguity, joint, losses
+from kamal_jax import ambiguity, data, evaluate, joint, losses, models, parallel, tasks, train
+from kamal_jax.examples import Examples
 from kamal_jax.models import Bridges
-from kamal_jax.teachers import map_stacked, stacked_apply
+from kamal_jax.teachers import (TeacherStack, map_stacked, stack_variables, stacked_apply,
+                                sub_stacks)
 
-__all__ = ["Amalgamation", "amalgamation_loss", "init", "LOGIT_LOSSES"]
+__all__ = ["Amalgamation", "amalgamation_loss", "component_frozen", "group_frozen", "init",
+           "LOGIT_LOSSES", "settings", "single_stage", "stage", "stage1", "stage2"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,8 +177,8 @@ def amalgamation_loss(spec: Amalgamation, params, batch_stats, frozen, batch):
       'index': [K_s, P] logit positions of the part in each network, 'outside':
       [K_s, C_s] bool, the classes of the head that holds the part, but the part's
       (read where spec.rest)}, one per stack]}}}.
-    batch: {'image': [B, H, W, C]}, plus 'key' (raw PRNG key data) for the random
-      rule and 'label' ([B, G]: each image's position in head g's part, -1 outside
+    batch: {'image': [B, H, W, C]}, plus 'key' ([B, 2] raw PRNG key data, one per
+      image) for the random rule and 'label' ([B, G]: each image's position in head g's part, -1 outside
       it) for the oracle rule (no other stage-1 or stage-2 batch carries labels);
       plus 'frozen' where the frozen networks' outputs on these images were computed
       before the stage ({str(g): [Outputs [B, K_s, ...] per stack]}): then they do
@@ -182,14 +188,12 @@ def amalgamation_loss(spec: Amalgamation, params, batch_stats, frozen, batch):
   """
   x = batch["image"]
   net, batch_stats = _train_apply(spec.net, params["net"], batch_stats, x)
-  key = jax.random.wrap_key_data(batch["key"]) if "key" in batch else None
-  bounds = np.cumsum((0,) + spec.head_sizes)
+  keys = jax.random.wrap_key_data(batch["key"]) if "key" in batch else None  # [B]
   total, metrics = 0.0, {}
-  for g, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+  for g, logits in enumerate(joint.split_heads(net.logits, spec.head_sizes)):
     loss, group_metrics = _group_loss(
-        spec, g, params["groups"][str(g)], frozen["groups"][str(g)], x,
-        net.logits[:, start:stop], net.feats,
-        None if key is None else jax.random.fold_in(key, g),
+        spec, g, params["groups"][str(g)], frozen["groups"][str(g)], x, logits, net.feats,
+        None if keys is None else jax.vmap(jax.random.fold_in, (0, None))(keys, g),
         batch["label"][:, g] if "label" in batch else None,
         batch["frozen"][str(g)] if "frozen" in batch else None)
     total = total + loss
@@ -247,3 +251,137 @@ def init(spec: Amalgamation, key, frozen_shapes, x) -> dict:
           for k, widths, count in zip(keys[1:], in_widths, counts)]
   return {"params": {"net": variables["params"], "groups": groups},
           "batch_stats": variables.get("batch_stats", {})}
+
+
+# --- stages: the method's stages as values (`train.Stage`) -----------------------------
+
+def settings(cfg: ml_collections.ConfigDict) -> dict:
+  """The method's settings in a config section (config.stage1) as Amalgamation fields."""
+  return dict(bridge_widths=tuple(cfg.bridge_widths), selection=cfg.selection,
+              ambiguity=cfg.ambiguity, temperature=cfg.temperature,
+              weight_norm=cfg.weight_norm, feature_weight=cfg.feature_weight,
+              logit_loss=cfg.logit_loss, kd_temperature=cfg.kd_temperature, rest=cfg.rest)
+
+
+def group_frozen(plan: tasks.AmalgamationPlan, pool: list[TeacherStack], group: tasks.Group):
+  """A group's teachers as a group of `frozen`: their architectures, one per stack,
+  and {'stacks': [{'nets', 'index', 'outside'}]}."""
+  subs = sub_stacks(pool, group.teachers)
+  ends = np.cumsum([len(s.names) for s in subs])[:-1]
+  stacks = [{"nets": s.variables, "index": index,
+             "outside": np.stack([plan.label_spaces[n].outside(group.part.classes)
+                                  for n in s.names])}
+            for s, index in zip(subs, np.split(group.index, ends))]
+  return tuple(s.module for s in subs), {"stacks": stacks}
+
+
+def component_frozen(module: nn.Module, variables, part_size: int):
+  """A component as a group of `frozen` (K = 1): its part's logits first, and after
+  them its rest logit where it learned one."""
+  return (module,), {"stacks": [{
+      "nets": stack_variables([variables]),
+      "index": np.arange(part_size, dtype=np.int32)[None],
+      "outside": (np.arange(module.num_outputs) >= part_size)[None]}]}
+
+
+def _frozen_outputs(spec: Amalgamation, frozen, examples: Examples, batch_size: int,
+                    cache_mb: float) -> dict | None:
+  """The frozen networks' outputs on every image of `examples`, computed once for a
+  stage: {str(g): [Outputs of [N, K_s, ...] host arrays, one per stack]}. Only where
+  every epoch shows the same images (no augmentation) and the outputs fit in
+  `cache_mb`; else None, and each step runs the frozen networks."""
+  stacks = [(str(g), module, stack) for g, modules in enumerate(spec.frozen_nets)
+            for module, stack in zip(modules, frozen["groups"][str(g)]["stacks"])]
+  x = examples.example()
+  shapes = lambda module, nets: jax.eval_shape(
+      lambda v: stacked_apply(module, v, x, in_step=False), nets)
+  per_image = sum(a.size * a.dtype.itemsize for _, module, stack in stacks
+                  for a in jax.tree.leaves(shapes(module, stack["nets"])))
+  megabytes = per_image * len(examples.indices) / 2**20
+  if examples.augments or megabytes > cache_mb:
+    return None
+  logging.info("Computing the frozen networks' outputs once: %.0f MB.", megabytes)
+  read = lambda at: examples.read(examples.indices[at], None, 0)
+  outputs = {}
+  for g, module, stack in stacks:
+    outputs.setdefault(g, []).append(evaluate.predict(
+        module, stack["nets"], read, len(examples.indices), batch_size, stacked=True,
+        feats=True))
+  return outputs
+
+
+def stage(name: str, spec: Amalgamation, frozen, examples: Examples,
+          cfg: ml_collections.ConfigDict, labels, *, seed: int, rng_impl: str,
+          eval_batch_size: int, frozen_output_cache_mb: float,
+          warm_start=None) -> train.Stage:
+  """The stage training spec.net by `amalgamation_loss` on `examples` (their labels:
+  [N, G] positions in the network's parts, read by the oracle rule only), by `cfg`
+  (a config section: steps, batch_size, optimizer); `labels` names the entries of
+  its per-group metrics. Each batch holds 'image', and 'frozen' (the frozen networks'
+  outputs) where they are computed once (`_frozen_outputs`), a key per image for the
+  random rule, labels for the oracle."""
+  cached = functools.cache(lambda: _frozen_outputs(spec, frozen, examples, eval_batch_size,
+                                                   frozen_output_cache_mb))
+
+  def batches(step):
+    rows = examples.rows(cfg.batch_size, seed, name, step)
+    batch = {"image": examples.read(examples.indices[rows], name, step)}
+    if cached() is not None:
+      batch["frozen"] = jax.tree.map(lambda a: a[rows], cached())
+    if spec.selection in ambiguity.NEEDS_LABELS:
+      batch["label"] = examples.labels[rows]
+    if spec.selection in ambiguity.NEEDS_KEY:
+      keys = data.stream_rng(seed, f"{name}/keys", step).integers(
+          0, 2**32, size=(cfg.batch_size, 2), dtype=np.uint32)
+      batch["key"] = parallel.local_rows(keys)
+    return batch
+
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
+                        frozen)
+  x = examples.example()
+  return train.Stage(name, amalgamation_loss, spec, frozen, batches,
+                     lambda key: init(spec, key, shapes, x),
+                     data.stream_key(seed, rng_impl, name), cfg.optimizer, cfg.steps,
+                     labels, warm_start)
+
+
+def stage1(name: str, plan: tasks.AmalgamationPlan, pool: list[TeacherStack],
+           group: tasks.Group, net: nn.Module, method: ml_collections.ConfigDict,
+           examples: Examples, **how) -> train.Stage:
+  """A component `net` (one head) from its group's teachers, by the method's
+  settings and training section `method` (config.stage1); `how`: see `stage`."""
+  modules, frozen = group_frozen(plan, pool, group)
+  spec = Amalgamation(net=net, frozen_nets=(modules,), head_sizes=(net.num_outputs,),
+                      **settings(method))
+  return stage(name, spec, {"groups": {"0": frozen}}, examples, method,
+               {"0": group.teachers}, **how)
+
+
+def single_stage(name: str, plan: tasks.AmalgamationPlan, pool: list[TeacherStack],
+                 net: nn.Module, head_sizes, method: ml_collections.ConfigDict,
+                 cfg: ml_collections.ConfigDict, examples: Examples, **how) -> train.Stage:
+  """The student `net` (a head per group) from every group's teachers directly, by the
+  method's settings (config.stage1) and training section `cfg` (config.stage2)."""
+  modules, frozen = zip(*(group_frozen(plan, pool, group) for group in plan.groups))
+  spec = Amalgamation(net=net, frozen_nets=modules, head_sizes=tuple(head_sizes),
+                      **settings(method))
+  return stage(name, spec, {"groups": {str(g): f for g, f in enumerate(frozen)}},
+               examples, cfg, {str(g): group.teachers for g, group in enumerate(plan.groups)},
+               **how)
+
+
+def stage2(name: str, parts, components: list[tuple[nn.Module, dict]], net: nn.Module,
+           head_sizes, method: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict,
+           examples: Examples, **how) -> train.Stage:
+  """The student `net` from the components ((module, variables), one per part):
+  head g regresses component g's logits (and rest, by `method.rest`) and features on
+  every image, no selection, no bridges on the components' side."""
+  frozen_nets, groups = zip(*(component_frozen(module, variables, len(part.classes))
+                              for (module, variables), part in zip(components, parts)))
+  x = examples.example()
+  spec = Amalgamation(**dict(
+      settings(method), net=net, frozen_nets=frozen_nets, head_sizes=tuple(head_sizes),
+      bridge_widths=models.tap_widths(frozen_nets[0][0], x), frozen_bridges=False,
+      selection="least", feature_weight=1.0, logit_loss="mse"))
+  return stage(name, spec, {"groups": {str(g): f for g, f in enumerate(groups)}},
+               examples, cfg, {str(g): (part.name,) for g, part in enumerate(parts)}, **how)

@@ -55,7 +55,8 @@ def select(ambiguity: jnp.ndarray) -> jnp.ndarray:
 
 
 # Selection rules: how much each sample learns from each teacher. Each maps the
-# ambiguity [K, B] to weights [B, K] that sum to 1 over K. `key` (a PRNG key) and
+# ambiguity [K, B] to weights [B, K] that sum to 1 over K. `key` ([B] PRNG keys, one
+# per sample, so a sample's draw does not depend on how the batch is split) and
 # `correct` ([K, B] bool: the teacher's prediction is right, from labels) are only
 # read by the rules that need them.
 
@@ -69,8 +70,9 @@ def _none(ambiguity, key, correct, temperature):
 
 
 def _random(ambiguity, key, correct, temperature):
-  k, b = ambiguity.shape
-  return jax.nn.one_hot(jax.random.randint(key, (b,), 0, k), k, dtype=ambiguity.dtype)
+  k = ambiguity.shape[0]
+  draws = jax.vmap(lambda one: jax.random.randint(one, (), 0, k))(key)  # [B]
+  return jax.nn.one_hot(draws, k, dtype=ambiguity.dtype)
 
 
 def _soft(ambiguity, key, correct, temperature):

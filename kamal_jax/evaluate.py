@@ -10,14 +10,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from kamal_jax import ambiguity, data, joint, tasks
-from kamal_jax.teachers import stacked_apply
-from kamal_jax.train.step import AXIS, replicate
+from kamal_jax import ambiguity, joint, parallel, tasks
+from kamal_jax.teachers import stacked_apply, take
+from kamal_jax.train.state import count_params
 
-__all__ = ["accuracy", "ensemble_log_probs", "joint_accuracy", "predict",
-           "rule_weights", "score", "selection_stats"]
+__all__ = ["accuracy", "ensemble_log_probs", "joint_accuracy", "predict", "rule_weights",
+           "run_scores", "score", "selection_stats"]
 
 
 def _outputs(module: nn.Module, stacked: bool, feats: bool, variables, x):
@@ -33,7 +32,8 @@ def _outputs(module: nn.Module, stacked: bool, feats: bool, variables, x):
 
 @functools.cache
 def _predictor(module: nn.Module, stacked: bool, feats: bool):
-  return jax.pmap(functools.partial(_outputs, module, stacked, feats), axis_name=AXIS)
+  return parallel.data_parallel(functools.partial(_outputs, module, stacked, feats),
+                                (parallel.REPLICATED, parallel.SPLIT), parallel.SPLIT)
 
 
 def predict(module: nn.Module, variables, read: Callable[[np.ndarray], np.ndarray],
@@ -43,24 +43,14 @@ def predict(module: nn.Module, variables, read: Callable[[np.ndarray], np.ndarra
   first), as host arrays. Fixed-size batches (the last one padded with repeats), so
   one compiled program serves every batch. In a multi-process run each process reads
   its rows of every batch and all get every output."""
-  devices = jax.local_device_count()
   predictor = _predictor(module, stacked, feats)
-  variables = replicate(variables)
+  variables = parallel.replicated(variables)
   chunks = []
   for start in range(0, count, batch_size):
     indices = np.minimum(np.arange(start, start + batch_size), count - 1)
-    local = data.local_rows(indices, jax.process_index(), jax.process_count())
-    chunks.append(predictor(variables, data.shard(read(local), devices)))
-  return jax.tree.map(lambda *c: np.concatenate([_gathered(x) for x in c])[:count], *chunks)
-
-
-def _gathered(chunk) -> np.ndarray:
-  """A pmapped output [local devices, b, ...] -> every process's rows [B, ...], in
-  the order of the batch (process blocks in process order)."""
-  if jax.process_count() > 1:
-    chunk = multihost_utils.process_allgather(chunk, tiled=True)
-  chunk = np.asarray(chunk)
-  return chunk.reshape((-1,) + chunk.shape[2:])
+    chunks.append(parallel.gathered(predictor(
+        variables, parallel.split(read(parallel.local_rows(indices))))))
+  return jax.tree.map(lambda *c: np.concatenate(c)[:count], *chunks)
 
 
 def accuracy(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -79,8 +69,8 @@ def rule_weights(restricted: np.ndarray, targets: np.ndarray, rule: str, measure
   [K, N, P], as a stage-1 step computes them. targets [N] (positions in the part,
   -1 outside) serve the oracle rule; seed the random one."""
   correct = np.argmax(restricted, axis=-1) == targets[None]  # [K, N]
-  key = jax.random.key(seed)
-  return np.asarray(_weights(restricted, correct, key, rule, measure, temperature))
+  keys = jax.random.split(jax.random.key(seed), restricted.shape[1])  # one per image
+  return np.asarray(_weights(restricted, correct, keys, rule, measure, temperature))
 
 
 def selection_stats(restricted: np.ndarray, weights: np.ndarray, targets: np.ndarray,
@@ -173,3 +163,76 @@ def ensemble_log_probs(restricted: list[np.ndarray]) -> list[np.ndarray]:
     e = np.exp(z - z.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
   return [np.log(np.mean(softmax(r), axis=0)) for r in restricted]
+
+
+# --- a run's report: every network on the held-out split -----------------------------
+
+def _restricted(logits: dict[str, np.ndarray], group: tasks.Group) -> np.ndarray:
+  """The group's teachers' logits on its part: {name: [N, C_t]} -> [K, N, P]."""
+  return np.stack([logits[t][:, index] for t, index in zip(group.teachers, group.index)])
+
+
+def _teacher_logits(run, pool, indices) -> dict:
+  """{teacher name: logits [N, C_t]} on the images at `indices`, each stack in one
+  program."""
+  logits = {}
+  for stack in pool:
+    stacked = run.predict(stack.module, stack.variables, indices, stacked=True)  # [N, K, C]
+    logits.update(zip(stack.names, np.swapaxes(stacked, 0, 1)))
+  return logits
+
+
+def _selection(run, g: int, group: tasks.Group, logits: dict, indices: np.ndarray) -> dict:
+  """How the configured rule weighs the group's teachers on the given images
+  ({teacher name: logits [N, C_t]} on them)."""
+  cfg = run.config
+  restricted = _restricted(logits, group)
+  targets = run.labels_in(indices, group.part.classes)
+  weights = rule_weights(restricted, targets, cfg.stage1.selection, cfg.stage1.ambiguity,
+                         cfg.stage1.temperature, seed=cfg.seed + g)
+  domains = list(cfg.data.domains)
+  teacher_domains = np.array([domains.index(run.teacher_domain(t)) if
+                              run.teacher_domain(t) in domains else -1
+                              for t in group.teachers])
+  stats = selection_stats(restricted, weights, targets, teacher_domains, run.domains[indices])
+  stats["selected_fraction"] = dict(zip(group.teachers, stats["selected_fraction"]))
+  return stats
+
+
+def run_scores(run, networks) -> dict:
+  """The report's numbers of a run (`pipeline.Run`) and its networks
+  (`pipeline.Networks`): every network scored on the held-out split, with sizes and
+  what each component's selection rule chose."""
+  plan, pool = run.plan, networks.teachers
+  teacher_logits = _teacher_logits(run, pool, run.test_indices)
+  component_logits = [run.predict(c.module, c.variables, run.test_indices)
+                      for c in networks.components] or None
+  teacher_params = {n: count_params(take(s.variables, i)["params"])
+                    for s in pool for i, n in enumerate(s.names)}
+  student = networks.student
+  if student is None:  # the ensemble answers: every teacher of every group runs
+    student_logits = ensemble_log_probs([_restricted(teacher_logits, g) for g in plan.groups])
+    student_params = sum(teacher_params[t] for t in plan.used_teachers)
+    forwards = len(plan.used_teachers)
+  else:
+    logits = run.predict(student.module, student.variables, run.test_indices)
+    student_logits = joint.split_heads(logits, student.head_sizes)
+    student_params, forwards = count_params(student.variables["params"]), 1
+  result = score(plan, run.dataset.heads, run.dataset.labels[run.test_indices],
+                 teacher_logits, component_logits, student_logits)
+  result["student"].update(params=student_params, inference_forwards=forwards)
+  for entry in result["teachers"]:
+    entry["params"] = teacher_params[entry["name"]]
+
+  # What each component learns from: on its stage-1 pool, and on the test images.
+  pools = [run.pool(group.part.classes) for group in plan.groups]
+  seen = np.unique(np.concatenate(pools))  # every training image under data.pool='all'
+  seen_logits = _teacher_logits(run, pool, seen)
+  for g, (group, entry, images) in enumerate(zip(plan.groups, result["components"], pools)):
+    at = np.searchsorted(seen, images)
+    entry.update(_selection(run, g, group, {n: l[at] for n, l in seen_logits.items()},
+                            images))
+    entry["test_selection"] = _selection(run, g, group, teacher_logits, run.test_indices)
+    entry["params"] = (count_params(networks.components[g].variables["params"])
+                       if networks.components else None)
+  return result

@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import kamal_jax
-from kamal_jax import models
+from kamal_jax import models, teachers
 
 __all__ = ["describe", "DESCRIPTION", "FORMAT", "FORMAT_VERSION", "GRAPHS",
-           "has_export_extra", "Head", "JOINT_RULE", "logits_fn", "module_of",
+           "has_export_extra", "Head", "JOINT_RULE", "logits_fn", "module_of", "networks",
            "Preprocessing", "TOLERANCE", "WEIGHTS", "write"]
 
 FORMAT = "kamal_jax.model"
@@ -205,3 +205,41 @@ def write(directory: Path, module: models.ResNet, variables, description: dict,
   else:
     os.replace(staging, directory)
   return description
+
+
+def networks(run, trained, network: str, out: Path, graphs=tuple(GRAPHS)) -> list[Path]:
+  """Writes the model folders (`write`, with the given graphs) of a run's
+  (`pipeline.Run`) trained networks (`pipeline.Networks`): its student (out/student),
+  its components (out/components/<part>) or its teachers (out/teachers/<name>), each
+  checked on the run's first test images; returns the folders."""
+  plan, kind = run.plan, run.config.pipeline
+  if network == "student":
+    if trained.student is None:
+      raise ValueError(f"Pipeline {kind!r} has no student: export --network=teachers "
+                       "instead.")
+    student = trained.student
+    heads = [Head(p.name, p.classes, w > len(p.classes))
+             for p, w in zip(plan.parts, student.head_sizes)]
+    folders = [(out / "student", student.module, student.variables, heads)]
+  elif network == "components":
+    if not trained.components:
+      raise ValueError(f"Pipeline {kind!r} has no components: export --network=student "
+                       "or --network=teachers instead.")
+    folders = [(out / "components" / p.name, c.module, c.variables,
+                [Head(p.name, p.classes, c.head_sizes[0] > len(p.classes))])
+               for p, c in zip(plan.parts, trained.components)]
+  else:
+    folders = [(out / "teachers" / name, stack.module, teachers.take(stack.variables, i),
+                [Head(h.name, h.classes) for h in plan.label_spaces[name].heads])
+               for stack in trained.teachers for i, name in enumerate(stack.names)]
+  check = run.images(run.test_indices[:64])  # [n, S, S, C]
+  cfg = run.config.data
+  preprocessing = Preprocessing(check.shape[1], check.shape[-1], cfg.get("crop_fraction", 1.0),
+                                tuple(cfg.mean), tuple(cfg.std))
+  config_text = (run.workdir / "config.json").read_bytes()
+  provenance = {"workdir": str(run.workdir.absolute()), "pipeline": kind,
+                "seed": run.config.seed, "config_sha256": hashlib.sha256(config_text).hexdigest()}
+  for directory, module, variables, heads in folders:
+    write(directory, module, variables, describe(directory.name, module, heads,
+                                                 preprocessing, provenance), check, graphs)
+  return [directory for directory, *_ in folders]

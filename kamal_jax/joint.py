@@ -10,6 +10,7 @@ logits (`rest_logit`), is what makes a part's evidence comparable with another's
   rest_logit    a teacher's logits -> the part's logits and log sum exp of the logits
                 outside the part (its head's other classes): [..., P + 1];
   mean_rest     the rest agreed by a group's teachers (a single teacher's is noisy);
+  split_heads   heads laid side by side, apart;
   scores,       the joint rule: the class of all the target's, in the order of the
   decide        heads laid side by side.
 
@@ -19,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["decide", "mean_rest", "REST_FLOOR", "rest_logit", "RESTS", "scores"]
+__all__ = ["decide", "mean_rest", "REST_FLOOR", "rest_logit", "RESTS", "scores",
+           "split_heads"]
 
 # A teacher sure that an image is of its part puts at least e^-REST_FLOOR of that
 # image's mass on the rest: it bounds the rest logit's regression target, and stands
@@ -67,6 +69,13 @@ def mean_rest(with_rest: jnp.ndarray) -> jnp.ndarray:
 RESTS = {"own": lambda with_rest: with_rest, "mean": mean_rest}
 
 
+def split_heads(logits, head_sizes) -> list:
+  """Heads laid side by side, apart: [..., sum of head_sizes] -> [[..., size] per head]
+  (NumPy or jnp arrays alike)."""
+  bounds = np.cumsum((0,) + tuple(head_sizes))
+  return [logits[..., a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def scores(logits, head_sizes, rest: bool = False):
   """What the joint rule compares: [N, sum of head widths] -> [N, T] one score per
   target class (the parts' classes in head order).
@@ -76,8 +85,7 @@ def scores(logits, head_sizes, rest: bool = False):
   head_sizes then count it) are first normalised over their classes and rest, so that
   each class scores its log-probability in its own head and the rests drop out.
   """
-  bounds = np.cumsum((0,) + tuple(head_sizes))
-  heads = [logits[..., a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+  heads = split_heads(logits, head_sizes)
   if rest:
     heads = [jax.nn.log_softmax(h, axis=-1)[..., :-1] for h in heads]
   return jnp.concatenate(heads, axis=-1)

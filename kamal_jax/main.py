@@ -104,13 +104,13 @@ def _run(values: flags.FlagValues) -> None:
   if values.distributed:  # before anything asks JAX for its devices
     jax.distributed.initialize(values.coordinator_address, values.num_processes,
                                values.process_id)
-  from kamal_jax import pipeline, report, train  # pylint: disable=g-import-not-at-top
+  from kamal_jax import door, pipeline, report, train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   if values.compilation_cache:
     pipeline.enable_compilation_cache(values.compilation_cache)
   stages = pipeline.STAGES if values.stage == "all" else (values.stage,)
   try:
-    workdir = pipeline.workdir_for(values.config, Path(values.workdir), values.start_fresh)
+    workdir = door.workdir_for(values.config, Path(values.workdir), values.start_fresh)
     result = pipeline.train_and_evaluate(values.config, workdir, stages)
   except (ValueError, pipeline.StageNotReadyError, train.NonFiniteLossError) as error:
     raise BadInput(str(error)) from error

@@ -113,9 +113,9 @@ def decide(heads: Sequence[export.Head], logits: np.ndarray) -> Predictions:
   decided = np.argmax(scores, axis=-1)
   names = [c for h in heads for c in h.classes]
   part_of = [h.name for h in heads for _ in h.classes]
-  bounds = np.cumsum([0] + [len(h.classes) for h in heads])
-  head_classes = [{h.name: h.classes[int(np.argmax(row[a:b]))]
-                   for h, a, b in zip(heads, bounds[:-1], bounds[1:])} for row in scores]
+  per_head = joint.split_heads(scores, [len(h.classes) for h in heads])  # [N, P_h] each
+  head_classes = [{h.name: h.classes[int(np.argmax(s[n]))] for h, s in zip(heads, per_head)}
+                  for n in range(len(scores))]
   return Predictions([names[i] for i in decided],
                      probabilities[np.arange(len(decided)), decided],
                      [part_of[i] for i in decided], head_classes, logits)

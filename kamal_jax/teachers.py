@@ -5,12 +5,7 @@ variables and its label space. Teachers of one architecture are stacked: their
 variables get a leading K axis and `map_stacked` runs them all in one program. A pool
 of heterogeneous teachers is a list of such stacks, one per architecture.
 Teachers always run in eval mode (running batch statistics) and never enter an
-optimizer.
-
-Training a pool of class teachers from labels (the source nets of the embedded
-default and of the paper's setups) is the supervised loss below: each network of a
-stack on batches of its own classes, all K in one step where stacks run vectorized,
-one at a time on CPU (`pipeline.supervised_stages`).
+optimizer; those that come without weights are trained first (`supervised`).
 """
 import dataclasses
 from typing import Any, Callable
@@ -19,14 +14,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from kamal_jax import tasks
 from kamal_jax.models import Outputs
 
 __all__ = ["imported", "map_stacked", "stack", "stack_order", "stack_variables",
-           "stack_way", "stacked_apply", "sub_stacks", "Supervised", "supervised_loss",
-           "take", "Teacher", "TeacherStack", "WAYS"]
+           "stack_way", "stacked_apply", "sub_stacks", "take", "Teacher", "TeacherStack",
+           "WAYS"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,35 +147,3 @@ def stacked_apply(module: nn.Module, variables, x: jnp.ndarray, in_step: bool) -
   """Eval-mode outputs of K stacked networks on one batch: logits [K, B, C] and
   feats ([K, B, H, W, D] per tap). `in_step`: see `stack_way`."""
   return map_stacked(lambda v: module.apply(v, x, train=False), variables, in_step=in_step)
-
-
-@dataclasses.dataclass(frozen=True)
-class Supervised:
-  """Networks trained from labels: a softmax cross-entropy per head of their logits."""
-  module: nn.Module
-  head_sizes: tuple[int, ...]
-
-
-def supervised_loss(spec: Supervised, params, batch_stats, frozen, batch):
-  """Cross-entropy of K stacked networks, each on its own batch.
-
-  batch: {'image': [K, B, H, W, C], 'label': [K, B, heads]} with labels local to each
-  head. The loss is the sum over networks of the mean over samples of the summed
-  per-head cross-entropies, so each network's gradient is its own.
-  """
-  del frozen
-  bounds = np.cumsum((0,) + spec.head_sizes)
-
-  def one(net_params, stats, images, labels):
-    outputs, updates = spec.module.apply({"params": net_params, "batch_stats": stats},
-                                         images, train=True, mutable=["batch_stats"])
-    heads = [outputs.logits[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    ce = sum(optax.softmax_cross_entropy_with_integer_labels(z, labels[:, h])
-             for h, z in enumerate(heads))
-    accuracy = jnp.mean(jnp.stack([jnp.argmax(z, -1) == labels[:, h]
-                                   for h, z in enumerate(heads)]))
-    return jnp.mean(ce), accuracy, updates.get("batch_stats", {})
-
-  ce, accuracy, batch_stats = map_stacked(one, params["net"], batch_stats,
-                                          batch["image"], batch["label"], in_step=True)
-  return jnp.sum(ce), ({"cross_entropy": ce, "accuracy": accuracy}, batch_stats)

@@ -1,4 +1,5 @@
-"""The amalgamation loss and the pmapped step on tiny networks, on 8 simulated devices."""
+"""The amalgamation loss and the data-parallel step on tiny networks, on 8 simulated
+devices."""
 import dataclasses
 
 import chex
@@ -7,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kamal_jax import amalgamate, evaluate, joint, models, teachers, train
-from kamal_jax.train import replicate, unreplicate
+from kamal_jax import amalgamate, evaluate, joint, models, parallel, teachers, train
 
 BATCH = 16
 IMAGES = np.random.default_rng(0).uniform(size=(BATCH, 8, 8, 1)).astype(np.float32)
@@ -51,16 +51,13 @@ def _stage1(tiny, *stacks, **overrides):
   return spec, frozen, _state(spec, frozen, tiny.stage1.optimizer)
 
 
-def _run(step, state, nets, images, devices, keys=None, **extra):
+def _run(step, state, nets, images, devices, **extra):
   """One step on `devices` with the global batch split over them (`nets`: the
-  step's frozen networks; `keys`: one raw PRNG key per device; `extra`: more batch
-  entries, global batch first)."""
-  batch = jax.tree.map(lambda v: v.reshape((len(devices), -1) + v.shape[1:]),
-                       {"image": images, **extra})
-  if keys is not None:
-    batch["key"] = keys
-  new, metrics = step(replicate(state, devices), replicate(nets, devices), batch)
-  return jax.device_get(unreplicate(new)), jax.device_get(unreplicate(metrics))
+  step's frozen networks; `extra`: more batch entries, rows first)."""
+  devices = tuple(devices)
+  new, metrics = step(parallel.replicated(state, devices), parallel.replicated(nets, devices),
+                      parallel.split({"image": images, **extra}, devices))
+  return parallel.host(new), parallel.host(metrics)
 
 
 def _step(spec, loss=amalgamate.amalgamation_loss):
@@ -194,26 +191,37 @@ def test_oracle_follows_the_labels(stage1):
                              atol=1e-6)
 
 
-def test_random_rule_draws_from_the_batch_key(stage1):
+def test_random_rule_draws_from_each_images_key(stage1):
+  """One key per image: the draws are the batch's, however it is split."""
   spec, frozen, state = stage1
   spec = dataclasses.replace(spec, selection="random")
-  keys = np.random.default_rng(0).integers(0, 2**32, size=(8, 2), dtype=np.uint32)
-  _, metrics = _run(_step(spec), state, frozen, IMAGES, jax.local_devices(), keys=keys)
-  assert 0.0 < metrics["0/selected_fraction"][0] < 1.0
-  np.testing.assert_allclose(np.sum(metrics["0/selected_fraction"]), 1.0, rtol=1e-6)
+  keys = np.random.default_rng(0).integers(0, 2**32, size=(BATCH, 2), dtype=np.uint32)
+  devices = jax.local_devices()
+  _, on_8 = _run(_step(spec), state, frozen, IMAGES, devices, key=keys)
+  _, on_1 = _run(train.train_step(amalgamate.amalgamation_loss, spec, tuple(devices[:1])),
+                 state, frozen, IMAGES, devices[:1], key=keys)
+  assert 0.0 < on_8["0/selected_fraction"][0] < 1.0
+  np.testing.assert_allclose(np.sum(on_8["0/selected_fraction"]), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(on_8["0/selected_fraction"], on_1["0/selected_fraction"],
+                             rtol=1e-6)
+
+
+def _loss(spec, state, frozen):
+  """The loss on IMAGES on one device, the step's axis bound (the networks name it)."""
+  loss_fn = parallel.data_parallel(
+      lambda p, s, f, b: amalgamate.amalgamation_loss(spec, p, s, f, b),
+      (parallel.REPLICATED,) * 3 + (parallel.SPLIT,), parallel.REPLICATED,
+      tuple(jax.local_devices()[:1]))
+  return loss_fn(state.params, state.batch_stats, frozen, {"image": IMAGES})
 
 
 def test_loss_is_the_weighted_sum_of_feature_and_logit_terms(stage1):
   spec, frozen, state = stage1
-  devices = jax.local_devices()[:1]
-  loss_fn = jax.pmap(lambda p, s, f, b: amalgamate.amalgamation_loss(spec, p, s, f, b),
-                     axis_name=train.AXIS, devices=devices)
-  replicated = [replicate(t, devices) for t in (state.params, state.batch_stats, frozen)]
-  loss, (metrics, _) = jax.device_get(loss_fn(*replicated, {"image": IMAGES[None]}))
+  loss, (metrics, _) = jax.device_get(_loss(spec, state, frozen))
   np.testing.assert_allclose(
-      loss[0], metrics["0/feature_loss"][0] + metrics["0/logit_loss"][0]
-      + spec.weight_norm * metrics["0/weight_norm"][0], rtol=1e-6)
-  assert metrics["0/weight_norm"][0] > 0  # fresh bridge rows are not unit norm
+      loss, metrics["0/feature_loss"] + metrics["0/logit_loss"]
+      + spec.weight_norm * metrics["0/weight_norm"], rtol=1e-6)
+  assert metrics["0/weight_norm"] > 0  # fresh bridge rows are not unit norm
 
 
 def _stage2(tiny):
@@ -283,20 +291,15 @@ def test_a_component_learns_the_groups_agreed_rest_logit(tiny):
   frozen = {"groups": {"0": {"stacks": [{"nets": nets, "index": index,
                                          "outside": outside}]}}}
   state = _state(spec, frozen, tiny.stage1.optimizer)
-  devices = jax.local_devices()[:1]
-  loss_fn = jax.pmap(lambda p, s, f, b: amalgamate.amalgamation_loss(spec, p, s, f, b),
-                     axis_name=train.AXIS, devices=devices)
-  replicated = [replicate(t, devices) for t in (state.params, state.batch_stats, frozen)]
-  _, (metrics, _) = jax.device_get(loss_fn(*replicated, {"image": IMAGES[None]}))
+  _, (metrics, _) = jax.device_get(_loss(spec, state, frozen))
 
   logits = teachers.stacked_apply(module, nets, IMAGES, in_step=False).logits  # [2, B, 4]
   target = joint.mean_rest(joint.rest_logit(logits, index, outside))  # [2, B, 4]
-  net_logits = jax.pmap(
-      lambda p, s: spec.net.apply({"params": p["net"], "batch_stats": s}, IMAGES,
-                                  train=True, mutable=["batch_stats"])[0].logits,
-      axis_name=train.AXIS, devices=devices)(*replicated[:2])[0]  # [B, 4]
+  plain = spec.net.clone(bn_axis_name=None)  # one device: the batch is the global one
+  net_logits = plain.apply({"params": state.params["net"], "batch_stats": state.batch_stats},
+                           IMAGES, train=True, mutable=["batch_stats"])[0].logits  # [B, 4]
   selected = target[0]  # teacher 0 is sure, teacher 1 uniform
   expected = np.mean((net_logits - selected) ** 2)  # logit scales start at 1
-  np.testing.assert_allclose(metrics["0/logit_loss"][0], expected, rtol=1e-4)
+  np.testing.assert_allclose(metrics["0/logit_loss"], expected, rtol=1e-4)
   masses = jax.nn.softmax(target, axis=-1)[..., -1]  # [2, B]: the teachers agree
   np.testing.assert_allclose(masses[0], masses[1], rtol=1e-4)

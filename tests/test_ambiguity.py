@@ -101,8 +101,9 @@ def test_oracle_rule_prefers_right_teachers_then_the_least_ambiguous():
 
 def test_random_rule_is_one_hot_seeded_and_covers_every_teacher():
   amb = jnp.zeros((3, 600))
-  a = ambiguity.weights("random", amb, key=jax.random.key(0))
-  b = ambiguity.weights("random", amb, key=jax.random.key(0))
+  keys = jax.random.split(jax.random.key(0), 600)  # one per sample
+  a = ambiguity.weights("random", amb, key=keys)
+  b = ambiguity.weights("random", amb, key=keys)
   np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(a.sum(axis=1), 1.0)
   assert np.all(np.abs(a.mean(axis=0) - 1 / 3) < 0.08)

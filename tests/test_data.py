@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kamal_jax import data
+from kamal_jax import data, parallel
 from kamal_jax.configs import folder
 
 
@@ -140,10 +140,13 @@ def test_batch_stream_needs_one_full_batch():
     data.batch_indices(3, 4, 0, "s", 0)
 
 
-def test_shard_splits_the_leading_axis_or_names_the_fix():
-  assert data.shard(np.zeros((16, 3)), 8).shape == (8, 2, 3)
+def test_a_batch_splits_its_rows_over_the_devices_or_names_the_fix():
+  batch = parallel.split({"image": np.arange(48.0).reshape(16, 3)})
+  assert batch["image"].shape == (16, 3)
+  assert [s.data.shape for s in batch["image"].addressable_shards] == [(2, 3)] * 8
+  np.testing.assert_array_equal(parallel.gathered(batch)["image"], np.arange(48.0).reshape(16, 3))
   with pytest.raises(ValueError, match="divisible by 8"):
-    data.shard(np.zeros((12, 3)), 8)
+    parallel.split(np.zeros((12, 3)))
 
 
 def test_domains_transform_images_and_keep_their_shape():
@@ -173,8 +176,8 @@ def test_mixed_domains_are_seeded_and_balanced():
 
 def test_processes_read_disjoint_blocks_that_make_up_the_global_batch():
   picks = np.arange(12) * 10
-  blocks = [data.local_rows(picks, p, 3) for p in range(3)]
+  blocks = [parallel.local_rows(picks, p, 3) for p in range(3)]
   np.testing.assert_array_equal(np.concatenate(blocks), picks)
   np.testing.assert_array_equal(blocks[1], [40, 50, 60, 70])
   with pytest.raises(ValueError, match="does not split over 5 processes"):
-    data.local_rows(picks, 0, 5)
+    parallel.local_rows(picks, 0, 5)

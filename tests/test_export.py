@@ -28,12 +28,11 @@ def exported(tiny, finished):
   assert json.loads((workdir / "export" / "student" / "model.json").read_text())[
       "files"]["model.onnx"] == {"missing": "not asked for: kamal-jax export writes it"}
   run = pipeline.prepare(tiny, workdir, ())
-  pool, components, student = pipeline.restore_networks(run)
-  folder, = pipeline.export_networks(run, pool, components, student, "student",
-                                     workdir / "export")
+  networks = pipeline.restore_networks(run)
+  folder, = export.networks(run, networks, "student", workdir / "export")
   run.log.close()
   images = run.images(run.test_indices)
-  return folder, images, run.dataset.labels[run.test_indices, 0], student
+  return folder, images, run.dataset.labels[run.test_indices, 0], networks.student.variables
 
 
 def test_the_student_gives_the_same_logits_in_every_format(exported, finished, tmp_path):

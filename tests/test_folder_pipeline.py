@@ -64,11 +64,12 @@ def test_folder_with_heterogeneous_and_imported_teachers(png_digits, tmp_path):
   params = {t["name"]: t["params"] for t in result["teachers"]}
   assert params["t2"] == sum(p.numel() for p in torch_teacher.parameters())
   assert params["t4"] > params["t3"] == params["t1"]  # resnet18 at the same width scale
-  # Two trained stacks ({t1, t3} and {t4}); the imported teacher is never trained. A
-  # stack trains as one stage, or one stage per teacher where stacks unroll (CPU).
-  first = [name for name, _ in pipeline.supervised_stages("teachers_1", ("t1", "t3"))]
-  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [
-      "stage1_part1", "stage1_part2", "stage2", *first, "teachers_2"]
+  # Two trained stacks ({t1, t3} and {t4}), a stage per teacher; the imported teacher
+  # is never trained.
+  checkpoints = workdir / "checkpoints"
+  assert sorted(str(p.parent.relative_to(checkpoints)) for p in checkpoints.rglob("6")) == [
+      "stage1_part1", "stage1_part2", "stage2", "teachers_1/t1", "teachers_1/t3",
+      "teachers_2/t4"]
   for component in result["components"]:
     assert sum(component["selected_fraction"].values()) == pytest.approx(1.0)
   # The trained teachers learned their parts from the folder's labels.
@@ -79,11 +80,11 @@ def test_folder_with_heterogeneous_and_imported_teachers(png_digits, tmp_path):
   # pretrained weights: a few steps at these rates move a weight by < 0.02, while
   # random initial weights differ from them by ~0.3.
   run = pipeline.prepare(config, workdir, ())
-  pool = pipeline.train_teachers(run)
-  components = pipeline.amalgamate_groups(run, pool)
+  networks = pipeline.restore_networks(run)
   stem = pretrained["params"]["stem_conv"]["kernel"]
+  pool = networks.teachers
   started = [*pool[0].variables["params"]["stem_conv"]["kernel"],
-             *(c["params"]["stem_conv"]["kernel"] for c in components)]
+             *(c.variables["params"]["stem_conv"]["kernel"] for c in networks.components)]
   assert pool[0].names == ("t1", "t3") and len(started) == 4
   for kernel in started:
     assert np.max(np.abs(kernel - stem)) < 0.02

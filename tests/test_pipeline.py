@@ -44,10 +44,10 @@ def test_report_has_the_documented_keys(finished):
 
 def test_every_stage_checkpointed_its_last_step(finished):
   workdir, _ = finished
-  stages = sorted(p.name for p in (workdir / "checkpoints").iterdir())
-  teacher_stages = [name for name, _ in pipeline.supervised_stages(
-      "teachers", ("t1", "t2", "t3", "t4"))]
-  assert stages == ["stage1_part1", "stage1_part2", "stage2", *teacher_stages]
+  checkpoints = workdir / "checkpoints"
+  stages = sorted(str(p.parent.relative_to(checkpoints)) for p in checkpoints.rglob("6"))
+  assert stages == ["stage1_part1", "stage1_part2", "stage2",
+                    *(f"teachers/t{k}" for k in range(1, 5))]
   for stage in stages:
     steps = sorted(int(p.name) for p in (workdir / "checkpoints" / stage).iterdir())
     assert steps[-1] == 6 and len(steps) == 2  # max_to_keep=2
@@ -66,31 +66,6 @@ def test_rerun_restores_finished_stages(tiny, finished, monkeypatch):
     assert again["timings"][stage] == result["timings"][stage]
 
 
-def test_teachers_trained_with_another_backends_split_are_restored(tiny, finished, tmp_path,
-                                                                   monkeypatch):
-  """A CPU trains each teacher in a stage of its own; a GPU, where stacks run vmapped,
-  trains them in one. A run trained on one is evaluated on the other, rather than
-  refused or trained again: here the GPU's split restores the CPU's (the reverse is
-  the same code with the two splits swapped)."""
-  reference, result = finished
-  workdir = tmp_path / "run"
-  shutil.copytree(reference, workdir)
-  monkeypatch.setattr(teachers, "stack_way", lambda in_step: "vmap" if in_step else "loop")
-  assert pipeline.supervised_stages("teachers", ("t1", "t2")) == [("teachers", ("t1", "t2"))]
-
-  def no_training(*args, **kwargs):
-    raise AssertionError("a finished stage was trained again")
-
-  monkeypatch.setattr(train.loop, "train_step", no_training)
-  again = pipeline.train_and_evaluate(tiny, str(workdir), stages=("evaluate",))
-  assert _numbers(again) == _numbers(result)
-  assert not (workdir / "checkpoints" / "teachers").exists()
-  shutil.rmtree(workdir / "checkpoints" / "teachers_t4")  # the other split, unfinished
-  with pytest.raises(pipeline.StageNotReadyError, match="'teachers'"):
-    pipeline.train_and_evaluate(tiny, str(workdir), stages=("evaluate",))
-  assert not (workdir / "checkpoints" / "teachers_t4").exists()
-
-
 def test_same_seed_gives_identical_numbers(tiny, finished, tmp_path):
   _, result = finished
   assert _numbers(pipeline.train_and_evaluate(tiny, str(tmp_path))) == _numbers(result)
@@ -100,10 +75,9 @@ def test_amalgamation_never_sees_labels(tiny, tmp_path, monkeypatch):
   seen = {}
   fit = train.fit
 
-  def spy(name, directory, make_state, key, loss_fn, spec, frozen, batch_fn, *args, **kwargs):
-    seen[name] = sorted(batch_fn(0))
-    return fit(name, directory, make_state, key, loss_fn, spec, frozen, batch_fn, *args,
-               **kwargs)
+  def spy(stage, *args):
+    seen[stage.name] = sorted(stage.batches(0))
+    return fit(stage, *args)
 
   monkeypatch.setattr(train, "fit", spy)
   tiny = tiny.copy_and_resolve_references()
@@ -111,8 +85,7 @@ def test_amalgamation_never_sees_labels(tiny, tmp_path, monkeypatch):
   result = pipeline.train_and_evaluate(tiny, str(tmp_path))
   # Amalgamation batches hold images and, computed once from them, the frozen
   # networks' outputs (the digits are not augmented): no labels.
-  teacher_stages = pipeline.supervised_stages("teachers", ("t1", "t2", "t3", "t4"))
-  assert seen == {**{name: ["image", "label"] for name, _ in teacher_stages},
+  assert seen == {**{f"teachers/t{k}": ["image", "label"] for k in range(1, 5)},
                   "stage1_part1": ["frozen", "image"], "stage1_part2": ["frozen", "image"],
                   "stage2": ["frozen", "image"]}
   assert result["components"][0]["selected_fraction"]

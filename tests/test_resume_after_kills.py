@@ -34,14 +34,15 @@ def _checkpoint(stage: str, step: int):
 
 def _saving(workdir: Path) -> bool:
   """A checkpoint is being written (orbax's temporary directory exists)."""
-  return any("tmp" in p.name for p in (workdir / "checkpoints").glob("*/*"))
+  return any("tmp" in p.name for p in (workdir / "checkpoints").rglob("*"))
 
 
 def _progress(workdir: Path) -> str:
   """The newest checkpoint in the workdir, as 'stage/step', or 'start'."""
-  steps = [p for p in (workdir / "checkpoints").glob("*/*") if p.name.isdigit()]
+  checkpoints = workdir / "checkpoints"
+  steps = [p for p in checkpoints.rglob("*") if p.name.isdigit()]
   newest = max(steps, key=lambda p: p.stat().st_mtime, default=None)
-  return f"{newest.parent.name}/{newest.name}" if newest else "start"
+  return str(newest.relative_to(checkpoints)) if newest else "start"
 
 
 def run_with_kills(command: list[str], workdir: Path, triggers, delays) -> list[str]:
@@ -73,13 +74,12 @@ def _final_variables(config, workdir: Path) -> list[np.ndarray]:
   """Every stage's final parameters and statistics, restored from the workdir."""
   run = pipeline.prepare(config, workdir, ())
   try:
-    pool = pipeline.train_teachers(run)
-    components = pipeline.amalgamate_groups(run, pool)
-    student = pipeline.train_student(run, pool, components)
+    networks = pipeline.restore_networks(run)
   finally:
     run.log.close()
-  return [np.asarray(x) for x in jax.tree.leaves(([s.variables for s in pool], components,
-                                                  student))]
+  return [np.asarray(x) for x in jax.tree.leaves((
+      [s.variables for s in networks.teachers], [c.variables for c in networks.components],
+      networks.student.variables))]
 
 
 def assert_same_run(config, workdir: Path, reference: Path):
@@ -96,7 +96,7 @@ def assert_same_run(config, workdir: Path, reference: Path):
 def test_three_kills_across_stages_change_nothing(tiny, finished, data_dir, tmp_path):
   reference, _ = finished
   workdir = tmp_path / "run"
-  first_teachers = pipeline.supervised_stages("teachers", ("t1", "t2", "t3", "t4"))[0][0]
+  first_teachers = "teachers/t1"
   triggers = [_checkpoint(first_teachers, 2), _checkpoint("stage1_part2", 2),
               _checkpoint("stage2", 6)]  # the last one lands in evaluation
   landed = run_with_kills(_command(f"tests/tiny_config.py:{data_dir}", workdir), workdir,
@@ -116,8 +116,7 @@ def test_twelve_random_kills_of_the_default_change_nothing(tmp_path, capsys):
   # Moments spread over every stage: each waits for a checkpoint (or for one being
   # written), then a seeded random delay.
   rng = np.random.default_rng(0)
-  teacher_stages = [name for name, _ in pipeline.supervised_stages(
-      "teachers", tuple(digits.get_config().teachers))]
+  teacher_stages = [f"teachers/{name}" for name in digits.get_config().teachers]
   triggers = [_checkpoint(teacher_stages[0], 100), _saving,
               _checkpoint(teacher_stages[-1], 300),
               _checkpoint("stage1_part1", 100), _checkpoint("stage1_part1", 300), _saving,

@@ -1,4 +1,5 @@
 """The shared loop: exact resume, refusal to checkpoint non-finite losses, optimizers."""
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -11,53 +12,40 @@ import ml_collections
 import numpy as np
 import pytest
 
-from kamal_jax import models, teachers, train
+from kamal_jax import models, supervised, train
+from kamal_jax.examples import Examples
 
-K, BATCH = 4, 16  # the shapes of the shrunk pipeline's teacher stage
-KEY = jax.random.key(0, impl="rbg")
+BATCH = 16  # the batch of the shrunk pipeline's teacher stages
 
 
 @pytest.fixture(scope="module")
-def setup(tiny):
+def stage(tiny):
+  """A teacher's stage from labels on 64 random images (4 batches per epoch)."""
   module = models.create(tiny.models.teacher, 4, tiny.models.teacher_width_scale,
                          axis_name=train.AXIS)
   rng = np.random.default_rng(0)
   images = rng.uniform(size=(64, 8, 8, 1)).astype(np.float32)
-  labels = rng.integers(0, 4, size=64).astype(np.int32)
-  devices = jax.local_device_count()
-
-  def batch_fn(step):
-    picks = np.stack([(np.arange(BATCH) + 16 * ((step + k) % 4)) for k in range(K)])  # [K, B]
-    batch = {"image": images[picks], "label": labels[picks][..., None]}  # [K, B, ...]
-    return {k: np.moveaxis(v.reshape((K, devices, -1) + v.shape[2:]), 1, 0)
-            for k, v in batch.items()}
-
-  def make_state(key):
-    keys = jax.random.split(key, K)
-    variables = jax.vmap(lambda k: module.init(k, images[:1], train=False))(keys)
-    return train.create_state({"params": {"net": variables["params"]},
-                               "batch_stats": variables["batch_stats"]},
-                              tiny.teacher_training.optimizer, 6)
-
-  return teachers.Supervised(module, (4,)), batch_fn, make_state
+  labels = rng.integers(0, 4, size=(64, 1)).astype(np.int32)
+  examples = Examples(np.arange(64), lambda at, stream, step: images[at], False, labels)
+  cfg = ml_collections.ConfigDict(dict(steps=6, batch_size=BATCH,
+                                       optimizer=tiny.teacher_training.optimizer))
+  return supervised.stage("teachers", module, (4,), examples, cfg, seed=0, rng_impl="rbg")
 
 
-def _fit(setup, directory, batch_fn=None, steps=6):
-  spec, default_batch_fn, make_state = setup
+def _fit(stage, directory, batches=None, steps=6):
+  stage = dataclasses.replace(stage, batches=batches or stage.batches, steps=steps)
   directory.mkdir(parents=True, exist_ok=True)
   log = train.MetricLog(directory)
   try:
-    return train.fit("teachers", directory / "ckpt", make_state, KEY, teachers.supervised_loss,
-                     spec, None, batch_fn or default_batch_fn,
-                     train.Schedule(steps, log_every=1, checkpoint_every=2), log,
-                     labels={"": ("a", "b", "c", "d")})
+    return train.fit(stage, directory / "ckpt", train.Schedule(log_every=1, checkpoint_every=2),
+                     log)
   finally:
     log.close()
 
 
-def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(setup, tmp_path):
-  whole = _fit(setup, tmp_path / "whole")
-  _, batch_fn, _ = setup
+def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(stage, tmp_path):
+  whole = _fit(stage, tmp_path / "whole")
+  batch_fn = stage.batches
 
   def killed_at_3(step):
     if step == 3:
@@ -65,9 +53,9 @@ def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(setup, tmp_path)
     return batch_fn(step)
 
   with pytest.raises(KeyboardInterrupt):
-    _fit(setup, tmp_path / "resumed", killed_at_3)
+    _fit(stage, tmp_path / "resumed", killed_at_3)
   assert sorted(p.name for p in (tmp_path / "resumed" / "ckpt").iterdir()) == ["2"]
-  resumed = _fit(setup, tmp_path / "resumed")
+  resumed = _fit(stage, tmp_path / "resumed")
   assert int(resumed.step) == int(whole.step) == 6
   for a, b in zip(jax.tree.leaves((whole.params, whole.batch_stats, whole.opt_state)),
                   jax.tree.leaves((resumed.params, resumed.batch_stats, resumed.opt_state))):
@@ -91,11 +79,11 @@ def _damage(step_dir, how):
 
 @pytest.mark.parametrize("how", ["garbled", "truncated", "unsealed"])
 def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_before_it(
-    setup, tmp_path, how, caplog):
-  whole = _fit(setup, tmp_path / "whole")
-  _fit(setup, tmp_path / "run")
+    stage, tmp_path, how, caplog):
+  whole = _fit(stage, tmp_path / "whole")
+  _fit(stage, tmp_path / "run")
   _damage(tmp_path / "run" / "ckpt" / "6", how)
-  resumed = _fit(setup, tmp_path / "run")  # the final checkpoint is bad: steps 5-6 again
+  resumed = _fit(stage, tmp_path / "run")  # the final checkpoint is bad: steps 5-6 again
   assert "Checkpoint" in caplog.text and "is damaged" in caplog.text
   assert sorted(p.name for p in (tmp_path / "run" / "ckpt").iterdir()) == ["4", "6"]
   assert [p.name for p in (tmp_path / "run" / "ckpt.damaged").iterdir()] == ["6"]
@@ -107,31 +95,30 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_before_it(
   assert logged == [1, 2, 3, 4, 5, 6]  # steps 5-6 are logged once, by the resumed run
 
 
-def test_a_save_cut_short_is_cleaned_up_by_one_manager_alone(setup, tmp_path, monkeypatch):
+def test_a_save_cut_short_is_cleaned_up_by_one_manager_alone(stage, tmp_path, monkeypatch):
   """Orbax deletes the temporary directories of cut-short saves in a thread that
   closing its manager does not wait for; when the finished-stage check and the
   training both asked, two threads deleted one directory (FileNotFoundError)."""
-  _, _, make_state = setup
-  _fit(setup, tmp_path, steps=4)
+  _fit(stage, tmp_path, steps=4)
   checkpoints = tmp_path / "ckpt"
   shutil.copytree(checkpoints / "4", checkpoints / "6.orbax-checkpoint-tmp")  # killed saving 6
   cleaning = []
-  opened = train.loop.ocp.CheckpointManager
+  opened = train.checkpoints.ocp.CheckpointManager
 
   def spy(directory, options):
     cleaning.append(options.cleanup_tmp_directories)
     return opened(directory, options=options)
 
-  monkeypatch.setattr(train.loop.ocp, "CheckpointManager", spy)
-  assert train.restore_finished(checkpoints, make_state, KEY, 6) is None
-  _fit(setup, tmp_path)
+  monkeypatch.setattr(train.checkpoints.ocp, "CheckpointManager", spy)
+  assert train.restore_finished(stage, checkpoints) is None
+  _fit(stage, tmp_path)
   assert len(cleaning) == 2 and sum(cleaning) == 1
   assert sorted(p.name for p in checkpoints.iterdir()) == ["4", "6"]
 
 
-def test_a_checkpoint_is_sealed_soon_after_it_is_written(setup, tmp_path):
+def test_a_checkpoint_is_sealed_soon_after_it_is_written(stage, tmp_path):
   """Not only when the next save starts: a kill between the two would lose it."""
-  _, batch_fn, _ = setup
+  batch_fn = stage.batches
   written = tmp_path / "ckpt" / "2"
 
   def checked(step):  # the batch of step `step + 1`
@@ -145,27 +132,26 @@ def test_a_checkpoint_is_sealed_soon_after_it_is_written(setup, tmp_path):
       assert (written / train.CHECKSUMS).is_file(), "checkpoint 2 unsealed at step 4"
     return batch_fn(step)
 
-  _fit(setup, tmp_path, checked)
+  _fit(stage, tmp_path, checked)
 
 
-def test_finished_stage_is_restored_not_retrained(setup, tmp_path):
-  _, _, make_state = setup
-  assert train.restore_finished(tmp_path / "ckpt", make_state, KEY, 6) is None
-  trained = _fit(setup, tmp_path)
+def test_finished_stage_is_restored_not_retrained(stage, tmp_path):
+  assert train.restore_finished(stage, tmp_path / "ckpt") is None
+  trained = _fit(stage, tmp_path)
 
   def no_more_steps(step):
     raise AssertionError(f"step {step} ran again")
 
-  again = _fit(setup, tmp_path, no_more_steps)
-  restored = train.restore_finished(tmp_path / "ckpt", make_state, KEY, 6)
+  again = _fit(stage, tmp_path, no_more_steps)
+  restored = train.restore_finished(stage, tmp_path / "ckpt")
   for a, b, c in zip(jax.tree.leaves(trained.params), jax.tree.leaves(again.params),
                      jax.tree.leaves(restored.params)):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, c)
 
 
-def test_non_finite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(setup, tmp_path):
-  _, batch_fn, _ = setup
+def test_non_finite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(stage, tmp_path):
+  batch_fn = stage.batches
 
   def nan_from_3(step):
     batch = batch_fn(step)
@@ -174,16 +160,16 @@ def test_non_finite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(setu
     return batch
 
   with pytest.raises(train.NonFiniteLossError, match="'teachers'.*step 4"):
-    _fit(setup, tmp_path, nan_from_3)
+    _fit(stage, tmp_path, nan_from_3)
   assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2"]
   logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in logged] == [1, 2, 3]  # the bad step is not logged
-  assert set(logged[0]["accuracy"]) == {"a", "b", "c", "d"}
+  assert 0 <= logged[0]["accuracy"] <= 1
 
 
 def test_checkpoints_must_follow_a_finiteness_check():
   with pytest.raises(ValueError, match="multiple of log_every"):
-    train.Schedule(10, log_every=4, checkpoint_every=6)
+    train.Schedule(log_every=4, checkpoint_every=6)
 
 
 @pytest.mark.parametrize("tap_rates", [(), (0.02, 0.008)])

@@ -7,6 +7,7 @@ import os
 import zlib
 from typing import NamedTuple
 
+import jax
 import numpy as np
 
 from kamal_jax import tasks
@@ -15,8 +16,8 @@ from kamal_jax.data.digits import Digits
 from kamal_jax.data.images import MODES, ArrayImages, EncodedImages, View
 
 __all__ = ["assign_domains", "batch_indices", "BUILDERS", "DOMAINS", "in_domain",
-           "in_domains", "LabeledImages", "load", "local_rows", "NAMES", "shard",
-           "stratified_split", "stream_rng", "view"]
+           "in_domains", "LabeledImages", "load", "NAMES", "stratified_split",
+           "stream_key", "stream_rng", "view"]
 
 
 class LabeledImages(NamedTuple):
@@ -118,6 +119,11 @@ def stream_rng(seed: int, stream: str, *counters: int) -> np.random.Generator:
   return np.random.default_rng([seed, zlib.crc32(stream.encode()), *counters])
 
 
+def stream_key(seed: int, impl: str, stream: str):
+  """The JAX PRNG key of a named stream (a stage's initial weights), from the seed."""
+  return jax.random.fold_in(jax.random.key(seed, impl=impl), zlib.crc32(stream.encode()))
+
+
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int):
   """Seeded split keeping each class's share: (train indices, test indices), sorted.
   labels [N], or [N, heads] (stratified by the first head)."""
@@ -147,19 +153,3 @@ def batch_indices(num_items: int, batch_size: int, seed: int, stream: str,
   order = stream_rng(seed, stream, epoch).permutation(num_items)
   return order[position * batch_size:(position + 1) * batch_size]
 
-
-def local_rows(array: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
-  """This process's block of a global batch [B, ...] -> [B / process_count, ...]:
-  each process of a multi-process run reads (and decodes) only its own rows."""
-  if len(array) % process_count:
-    raise ValueError(f"Batch of {len(array)} does not split over {process_count} "
-                     f"processes: use a batch size divisible by the device count.")
-  return np.split(array, process_count)[process_index]
-
-
-def shard(array: np.ndarray, num_devices: int) -> np.ndarray:
-  """[B, ...] -> [num_devices, B / num_devices, ...] for a pmapped function."""
-  if array.shape[0] % num_devices:
-    raise ValueError(f"Batch of {array.shape[0]} does not split over {num_devices} "
-                     f"devices: use a batch size divisible by {num_devices}.")
-  return array.reshape((num_devices, -1) + array.shape[1:])

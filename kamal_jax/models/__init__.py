@@ -17,7 +17,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 from flax import traverse_util
+
+from kamal_jax import parallel
 
 from kamal_jax.models import conv
 from kamal_jax.models.bridges import Bridges
@@ -66,6 +69,20 @@ def create(arch: str, num_outputs: int, width_scale: float = 1.0,
   return ResNet(widths=widths, blocks=spec.blocks, num_outputs=num_outputs,
                 block=spec.block, small_input=spec.small_input, bn_axis_name=axis_name,
                 dtype=jnp.dtype(dtype))
+
+
+def teacher(cfg, num_outputs: int, arch: str = "") -> nn.Module:
+  """A teacher trained in the run, of config.models' teacher architecture (or `arch`),
+  which the components share; like every network a run trains, its BatchNorm spans
+  the step's batch axis. `cfg`: config.models."""
+  return create(arch or cfg.teacher, num_outputs, cfg.teacher_width_scale, cfg.dtype,
+                axis_name=parallel.AXIS)
+
+
+def student(cfg, num_outputs: int) -> nn.Module:
+  """The student, of config.models' student architecture (`cfg`: config.models)."""
+  return create(cfg.student, num_outputs, cfg.student_width_scale, cfg.dtype,
+                axis_name=parallel.AXIS)
 
 
 @functools.cache
@@ -135,5 +152,5 @@ def with_backbone(variables: dict, backbone: dict) -> dict:
   return traverse_util.unflatten_dict(flat)
 
 
-__all__ = ["ARCHS", "Arch", "Bridges", "Outputs", "ResNet", "conv", "create", "tap_widths",
-           "with_backbone"]
+__all__ = ["ARCHS", "Arch", "Bridges", "Outputs", "ResNet", "conv", "create", "student",
+           "tap_widths", "teacher", "with_backbone"]
