@@ -3,13 +3,13 @@
   kamal-jax --config=configs/class_setup.py:main=stanford_dogs,aux=cars196 \
       --config.data.data_dir=~/tensorflow_datasets --workdir=runs/dogs
 
-The argument: main= and aux= one of DATASETS (default stanford_dogs and cars196),
-seed= an integer (default 0), the run's seed and the split's. The main dataset's
-classes are split (seeded) into 2 parts, the auxiliary dataset's into 4. Four source
-nets, one per (main part i, aux part j), main part 1 with aux parts 1-2 and main
-part 2 with aux parts 3-4, are trained here with labels on the union of their two
-parts; each main part becomes a component from the 2 teachers that share it, and
-the student covers all main classes with 2 heads.
+The argument (`configs/arguments.py`): main= and aux= one of DATASETS (default
+stanford_dogs and cars196), seed= an integer (default 0), the run's seed and the
+split's. The main dataset's classes are split (seeded) into 2 parts, the auxiliary
+dataset's into 4. Four source nets, one per (main part i, aux part j), main part 1
+with aux parts 1-2 and main part 2 with aux parts 3-4, are trained here with labels
+on the union of their two parts; each main part becomes a component from the 2
+teachers that share it, and the student covers all main classes with 2 heads.
 
 The config names the parts without reading any dataset: each is a split reference
 (`kamal_jax.tasks`), which the run resolves to class names once it has loaded the
@@ -36,22 +36,9 @@ teacher_checkpoints imports source nets trained elsewhere instead.
 """
 import ml_collections
 
-from kamal_jax.configs import digits
+from kamal_jax.configs import arguments, digits
 
 DATASETS = ("stanford_dogs", "caltech_birds2011", "cars196")
-
-
-def _parse(arg: str | None) -> dict:
-  settings = dict(main="stanford_dogs", aux="cars196", seed="0")
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key not in settings:
-      raise ValueError(f"Unknown class-setup argument {key!r}: use main=, aux= or seed=.")
-    settings[key] = value
-  for key in ("main", "aux"):
-    if settings[key] not in DATASETS:
-      raise ValueError(f"{key}={settings[key]!r}: use one of {DATASETS}.")
-  return settings
 
 
 def _part(dataset: str, part: int, of: int, seed: int) -> dict:
@@ -61,8 +48,9 @@ def _part(dataset: str, part: int, of: int, seed: int) -> dict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  settings = _parse(arg)
-  seed = int(settings["seed"])
+  settings = arguments.parse(arg, dict(main="stanford_dogs", aux="cars196", seed=0),
+                             dict(main=DATASETS, aux=DATASETS))
+  seed = settings["seed"]
   c = digits.get_config()
   c.seed = seed
   c.data = ml_collections.ConfigDict(dict(
@@ -73,7 +61,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
   main = lambda i: _part(settings["main"], i, 2, seed)
   aux = lambda j: _part(settings["aux"], j, 4, seed)
-  c.target = ml_collections.ConfigDict(dict(parts={f"part{i}": (main(i),) for i in (1, 2)}))
+  c.target = ml_collections.ConfigDict(dict(parts={
+      f"part{i}": (main(i),) for i in (1, 2)}))
   c.teachers = ml_collections.ConfigDict({
       f"t{i}{j}": (main(i), aux(j)) for i in (1, 2) for j in (2 * i - 1, 2 * i)})
   c.models.update(teacher="resnet18", teacher_width_scale=1.0, student="resnet18",

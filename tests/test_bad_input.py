@@ -78,7 +78,7 @@ def files(tmp_path_factory, data_dir):
 # {files} the fixture's folder, {cfg:BODY} / {folder:BODY} a config file changed by BODY.
 CASES = [
     ("missing config file", "--config=tests/absent.py", r"--config=tests/absent.py: no such file"),
-    ("unknown config variant", "--config=configs/digits.py:bogus", r"Unknown digits variant 'bogus'"),
+    ("unknown config variant", "--config=configs/digits.py:bogus", r"variant='bogus': use one of"),
     ("unknown override field", "{tiny} --config.stage1.speed=2",
      r"--config.stage1.speed: the config has no field 'speed'"),
     ("override of the wrong type", "{tiny} --config.seed=abc", r"--config.seed=abc: invalid literal"),

@@ -14,7 +14,7 @@ from PIL import Image
 
 import tiny_config
 from kamal_jax import pipeline, tasks
-from kamal_jax.configs import attribute_setup, class_setup
+from kamal_jax.configs import arguments, attribute_setup, class_setup
 from kamal_jax.data import tfds_images
 
 EXAMPLES = 64  # per split and dataset
@@ -120,3 +120,16 @@ def test_building_a_setup_reads_no_dataset(monkeypatch):
   assert config.teachers.t23[1] == dict(split="cars196", part=3, of=4, seed=3)
   attribute_setup.get_config("target=face")
 
+
+def test_config_arguments_refuse_unknown_keys_and_bad_values():
+  defaults, choices = dict(main="a", seed=0), dict(main=("a", "b"))
+  assert arguments.parse("seed=3,main=b", defaults, choices) == dict(main="b", seed=3)
+  # A lone value is the first key's.
+  assert arguments.parse("b", defaults, choices) == dict(main="b", seed=0)
+  assert arguments.parse(None, defaults, choices) == defaults
+  with pytest.raises(ValueError, match=r"Unknown config argument 'aux': use main=, seed="):
+    arguments.parse("main=a,aux=b", defaults, choices)
+  with pytest.raises(ValueError, match=r"main='c': use one of \('a', 'b'\)\."):
+    arguments.parse("main=c", defaults, choices)
+  with pytest.raises(ValueError, match=r"seed='x': give an integer\."):
+    arguments.parse("seed=x", defaults, choices)
