@@ -17,6 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from kamal_jax import amalgamate, models, parallel, pipeline, supervised, tasks, teachers, train
+from kamal_jax.data import tfds_images
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (get_config()).")
@@ -34,6 +35,15 @@ def _images(config, count: int, rng) -> np.ndarray:
 def _init(module, x, count: int, seed: int):
   keys = jax.random.split(jax.random.key(seed, impl="rbg"), count)
   return jax.device_get(jax.jit(jax.vmap(lambda k: module.init(k, x, train=False)))(keys))
+
+
+def _heads(cfg) -> tuple[tasks.Head, ...]:
+  """The heads of config.data's tfds datasets, which its split references name, from
+  the datasets' metadata alone (no record is read); none for other data."""
+  if cfg.name != "tfds":
+    return ()
+  return tuple(head for name in cfg.datasets for head in tfds_images.heads(
+      name, tfds_images.builder(name, cfg.data_dir).info.features))
 
 
 def _time(step, state, frozen, batch, steps: int) -> tuple[float, float]:
@@ -59,8 +69,11 @@ def main(argv):
   if FLAGS.compilation_cache:
     pipeline.enable_compilation_cache(FLAGS.compilation_cache)
   rng = np.random.default_rng(0)
-  spaces = {n: tasks.label_space(s, n) for n, s in config.teachers.items()}
-  plan = tasks.make_plan(config.target.parts, spaces)
+  heads = _heads(config.data)
+  spaces = {n: tasks.label_space(tasks.resolve_splits(s, heads, f"teachers.{n}"), n)
+            for n, s in config.teachers.items()}
+  plan = tasks.make_plan(tasks.resolve_splits(config.target.parts, heads, "target.parts"),
+                         spaces)
   group = plan.groups[0]
   cfg = config.models
   teacher = models.create(cfg.teacher, spaces[group.teachers[0]].num_outputs,

@@ -3,19 +3,21 @@
   kamal-jax --config=configs/attribute_setup.py:target=hair \
       --config.data.data_dir=~/tensorflow_datasets --workdir=runs/hair
 
-target is hair, eye or face. Each target attribute is covered by 2-3 multi-task
-source nets that also predict unrelated attributes (the sets below; those the paper
-names for Black_Hair and Blond_Hair are its own, the rest are ours). Every net is a
-label space of 2-way heads {attribute: (attribute:0, attribute:1)}, so grouping,
-selection (the entropy of the shared attribute's head), the losses, the steps and
-the report are exactly those of the class setup; only this configuration differs.
-The parts are the target attributes (one student head each); a joint accuracy is not
-reported, since attributes are not exclusive classes.
+The argument (`configs/arguments.py`): target= hair (the default), eye or face. Each
+target attribute is covered by 2-3 multi-task source nets that also predict
+unrelated attributes (the sets below; those the paper names for Black_Hair and
+Blond_Hair are its own, the rest are ours); the label sets are written out here,
+since CelebA's attribute names need no dataset to know. Every net is a label space
+of 2-way heads {attribute: (attribute:0, attribute:1)}, so grouping, selection (the
+entropy of the shared attribute's head), the losses, the steps and the report are
+exactly those of the class setup; only this configuration differs. The parts are
+the target attributes (one student head each); a joint accuracy is not reported,
+since attributes are not exclusive classes.
 """
 import ml_collections
 
 from kamal_jax import tasks
-from kamal_jax.configs import class_setup
+from kamal_jax.configs import arguments, class_setup
 
 SOURCE_NETS = {
     "hair": {
@@ -44,9 +46,8 @@ def _heads(attributes) -> dict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  target = (arg or "target=hair").partition("=")[2]
-  if target not in SOURCE_NETS:
-    raise ValueError(f"target={target!r}: use one of {sorted(SOURCE_NETS)}.")
+  settings = arguments.parse(arg, dict(target="hair"), dict(target=tuple(SOURCE_NETS)))
+  target = settings["target"]
   c = class_setup.get_config()
   c.data.update(datasets=("celeb_a",), min_scale=1.0, pool="all")
   c.target = ml_collections.ConfigDict(dict(parts=_heads(SOURCE_NETS[target])))

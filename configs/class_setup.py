@@ -3,14 +3,26 @@
   kamal-jax --config=configs/class_setup.py:main=stanford_dogs,aux=cars196 \
       --config.data.data_dir=~/tensorflow_datasets --workdir=runs/dogs
 
-The main dataset's classes are split (seeded) into 2 parts, the auxiliary dataset's
-into 4. Four source nets, one per (main part i, aux part j), main part 1 with aux
-parts 1-2 and main part 2 with aux parts 3-4, are trained here with labels on the
-union of their two parts; each main part becomes a component from the 2 teachers
-that share it, and the student covers all main classes with 2 heads. ResNet-18
-teachers and components at 224 px, the student 1.125x wider; the reference's
-optimizers, learning rates and augmentation (random resized crop 0.81-1, flip,
-ImageNet normalisation; test: shorter side 256, centre crop 224). As in the
+The argument (`configs/arguments.py`): main= and aux= one of DATASETS (default
+stanford_dogs and cars196), seed= an integer (default 0), the run's seed and the
+split's. The main dataset's classes are split (seeded) into 2 parts, the auxiliary
+dataset's into 4. Four source nets, one per (main part i, aux part j), main part 1
+with aux parts 1-2 and main part 2 with aux parts 3-4, are trained here with labels
+on the union of their two parts; each main part becomes a component from the 2
+teachers that share it, and the student covers all main classes with 2 heads.
+
+The config names the parts without reading any dataset: each is a split reference
+(`kamal_jax.tasks`), which the run resolves to class names once it has loaded the
+data (from data.data_dir), so a config is a value. Source net t12 is
+
+  ({"split": "stanford_dogs", "part": 1, "of": 2, "seed": 0},
+   {"split": "cars196", "part": 2, "of": 4, "seed": 0})
+
+and target part1 ({"split": "stanford_dogs", "part": 1, "of": 2, "seed": 0},).
+
+ResNet-18 teachers and components at 224 px, the student 1.125x wider; the
+reference's optimizers, learning rates and augmentation (random resized crop 0.81-1,
+flip, ImageNet normalisation; test: shorter side 256, centre crop 224). As in the
 reference, each component learns from its part's images and the student from all
 main-dataset training images (data.pool='reference'); data.pool='all' uses every
 unlabeled image instead.
@@ -23,38 +35,22 @@ torchvision-named checkpoint; see the README), the student from scratch;
 teacher_checkpoints imports source nets trained elsewhere instead.
 """
 import ml_collections
-import numpy as np
 
-from kamal_jax.configs import digits
-from kamal_jax.data import tfds_images
+from kamal_jax.configs import arguments, digits
 
 DATASETS = ("stanford_dogs", "caltech_birds2011", "cars196")
 
 
-def _parse(arg: str | None) -> dict:
-  settings = dict(main="stanford_dogs", aux="cars196", seed="0")
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key not in settings:
-      raise ValueError(f"Unknown class-setup argument {key!r}: use main=, aux= or seed=.")
-    settings[key] = value
-  for key in ("main", "aux"):
-    if settings[key] not in DATASETS:
-      raise ValueError(f"{key}={settings[key]!r}: use one of {DATASETS}.")
-  return settings
-
-
-def split_classes(name: str, parts: int, seed: int) -> list[tuple[str, ...]]:
-  """The dataset's classes in `parts` seeded, near-equal parts."""
-  (head,) = tfds_images.heads(name, tfds_images.builder(name).info.features)
-  order = np.random.default_rng([seed, parts]).permutation(len(head.classes))
-  return [tuple(head.classes[i] for i in sorted(chunk))
-          for chunk in np.array_split(order, parts)]
+def _part(dataset: str, part: int, of: int, seed: int) -> dict:
+  """Part `part` (1-based) of `of` of the dataset's classes, split with the seed: a
+  split reference (`kamal_jax.tasks.resolve_splits`)."""
+  return dict(split=dataset, part=part, of=of, seed=seed)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  settings = _parse(arg)
-  seed = int(settings["seed"])
+  settings = arguments.parse(arg, dict(main="stanford_dogs", aux="cars196", seed=0),
+                             dict(main=DATASETS, aux=DATASETS))
+  seed = settings["seed"]
   c = digits.get_config()
   c.seed = seed
   c.data = ml_collections.ConfigDict(dict(
@@ -63,12 +59,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       pool="reference", domains=("original",),
       image_size=224, channels=3, crop_fraction=0.875, min_scale=0.81, flip=True,
       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
-  main = split_classes(settings["main"], 2, seed)
-  aux = split_classes(settings["aux"], 4, seed)
+  main = lambda i: _part(settings["main"], i, 2, seed)
+  aux = lambda j: _part(settings["aux"], j, 4, seed)
   c.target = ml_collections.ConfigDict(dict(parts={
-      f"part{i + 1}": main[i] for i in range(2)}))
+      f"part{i}": (main(i),) for i in (1, 2)}))
   c.teachers = ml_collections.ConfigDict({
-      f"t{i + 1}{j + 1}": main[i] + aux[j] for i in range(2) for j in (2 * i, 2 * i + 1)})
+      f"t{i}{j}": (main(i), aux(j)) for i in (1, 2) for j in (2 * i - 1, 2 * i)})
   c.models.update(teacher="resnet18", teacher_width_scale=1.0, student="resnet18",
                   student_width_scale=1.125)
   c.teacher_training = ml_collections.ConfigDict(dict(

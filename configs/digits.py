@@ -16,8 +16,11 @@ from these label sets, not written here.
   --config=configs/digits.py:uneven   uneven label sets: parts of four and two
       classes, three teachers in one group and one in the other, and auxiliary
       classes (6, 7) that teachers of both parts know.
+(`:domains` is short for `:variant=domains`, see configs/arguments.py.)
 """
 import ml_collections
+
+from kamal_jax.configs import arguments
 
 VARIANTS = ("default", "domains", "uneven")
 
@@ -35,9 +38,8 @@ def optimizer(learning_rate, bridge_learning_rate=None, name="adam", weight_deca
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "default"
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown digits variant {variant!r}: use one of {VARIANTS}.")
+  variant = arguments.parse(arg, dict(variant="default"),
+                            dict(variant=VARIANTS))["variant"]
   c = ml_collections.ConfigDict()
   c.seed = 0
   # 'rbg' keys compile several times faster than threefry for the random init.

@@ -290,13 +290,15 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> R
         f"or those before {STAGES[first]!r} first.")
   dataset = data.load(config.data)
   backbone = door.backbone(config, dataset.images.read(np.arange(1)).shape[-1])
-  spaces = {name: tasks.label_space(spec, name) for name, spec in config.teachers.items()}
+  spaces = {name: tasks.label_space(
+                tasks.resolve_splits(spec, dataset.heads, f"teachers.{name}"), name)
+            for name, spec in config.teachers.items()}
   door.check_teachers(config, dataset.class_names, spaces)
   sources = _sources(config, spaces)
   stacks = teachers.stack_order({n: (t.module, t.variables is None, tuple(
       len(h.classes) for h in t.label_space.heads)) for n, t in sources.items()})
-  plan = tasks.make_plan(config.target.parts,
-                         {n: spaces[n] for names in stacks for n in names})
+  parts = tasks.resolve_splits(config.target.parts, dataset.heads, "target.parts")
+  plan = tasks.make_plan(parts, {n: spaces[n] for names in stacks for n in names})
   for group in plan.groups:  # allowed: amalgamation then distils that one teacher
     if len(group.teachers) == 1 and config.pipeline in ("two_stage", "single_stage"):
       logging.warning("Part %r has one teacher (%s): there is nothing to select; its "

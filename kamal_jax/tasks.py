@@ -10,6 +10,12 @@ The target is a tuple of *parts* (sub-tasks): each part is a set of classes that
 head of a teacher must cover entirely, and becomes one component net and one head of
 the student. `make_plan` finds, for each part, every teacher that covers it and the
 positions of the part's classes in that teacher's logits.
+
+A config may name classes it has not seen: in any list of class names, a *split
+reference* {"split": HEAD, "part": i, "of": n, "seed": s} stands for part i of n of
+the classes of the dataset's head HEAD, split with seed s. Building the config then
+reads no dataset; the run resolves the references once the data is loaded
+(`resolve_splits`), and `label_space` and `make_plan` see plain class names.
 """
 import dataclasses
 from collections.abc import Mapping, Sequence
@@ -17,7 +23,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 __all__ = ["AmalgamationPlan", "attribute_head", "Group", "Head", "label_positions",
-           "label_space", "LabelSpace", "make_plan", "shared_head"]
+           "label_space", "LabelSpace", "make_plan", "resolve_splits", "shared_head"]
+
+_SPLIT_KEYS = ("split", "part", "of", "seed")  # a split reference's, in this order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,13 +92,92 @@ def label_space(spec, owner: str) -> LabelSpace:
         f"Label set of {owner!r} must be a list of class names or a mapping "
         f"{{head: [class names]}}, got {spec!r}.")
   named = spec.items() if is_mapping else [("classes", spec)]
-  heads = tuple(Head(str(name), tuple(str(c) for c in classes))
+  heads = tuple(Head(str(name), _names(classes, f"The label set of {owner!r}"))
                 for name, classes in named)
   space = LabelSpace(heads)
   _check_unique(space.classes, f"the label set of {owner!r}")
   if not space.classes:
     raise ValueError(f"The label set of {owner!r} is empty: give it its classes.")
   return space
+
+
+def resolve_splits(spec, heads: Sequence[Head], field: str):
+  """A label set, or the target's parts, as configured ({name: list} or a list of
+  class names), with each split reference in its lists replaced by the classes it
+  names (see the module docstring):
+
+    {"split": "stanford_dogs", "part": 1, "of": 2, "seed": 0}
+
+  is the first of 2 seeded, near-equal parts of the classes of the head named
+  'stanford_dogs' (a tfds dataset's labels are one head named by the dataset), each
+  part in the head's order. `heads` are the loaded dataset's; `field` names the
+  value in errors ('teachers.t11'). Anything else is returned as it is, for
+  `label_space` and `make_plan` to judge.
+  """
+  if hasattr(spec, "items") and not _is_reference(spec):  # a dict or a ConfigDict
+    return {key: _resolve_list(value, heads, f"{field}.{key}")
+            for key, value in spec.items()}
+  return _resolve_list(spec, heads, field)
+
+
+def _resolve_list(classes, heads: Sequence[Head], field: str):
+  if _is_reference(classes):
+    raise ValueError(f"{field} is a split reference where a list of classes belongs: "
+                     f"put it in a list, ({dict(classes)},).")
+  if isinstance(classes, str) or not isinstance(classes, Sequence):
+    return classes
+  return tuple(name for k, item in enumerate(classes)
+               for name in (_split_part(item, heads, f"{field}[{k}]")
+                            if hasattr(item, "items") else (item,)))
+
+
+def _is_reference(value) -> bool:
+  return hasattr(value, "items") and set(value.keys()) == set(_SPLIT_KEYS)
+
+
+def _split_part(reference, heads: Sequence[Head], field: str) -> tuple[str, ...]:
+  """The classes one split reference names, or a ValueError naming the bad key."""
+  if not _is_reference(reference):
+    raise ValueError(f"{field}={dict(reference)} is no split reference: give exactly the "
+                     f"keys {_SPLIT_KEYS}, e.g. {{'split': 'cars196', 'part': 1, "
+                     "'of': 4, 'seed': 0}.")
+  name, part, of, seed = (reference[key] for key in _SPLIT_KEYS)
+  by_name = {head.name: head for head in heads}
+  if name not in by_name:
+    raise ValueError(f"{field}.split={name!r} names no head of the data: use one of "
+                     f"{list(by_name)} (a tfds dataset's head is named by the dataset).")
+  classes = by_name[name].classes
+  if not _is_count(of, 1, len(classes)):
+    raise ValueError(f"{field}.of={of!r}: give the number of parts, an integer from 1 to "
+                     f"{len(classes)} (the classes of {name!r}).")
+  if not _is_count(part, 1, of):
+    raise ValueError(f"{field}.part={part!r}: give the part's number, an integer from 1 "
+                     f"to {of} (of={of}).")
+  if not _is_count(seed, 0, None):
+    raise ValueError(f"{field}.seed={seed!r}: give a non-negative integer.")
+  return _seeded_parts(classes, of, seed)[part - 1]
+
+
+def _is_count(value, low: int, high: int | None) -> bool:
+  return (isinstance(value, int) and not isinstance(value, bool) and low <= value
+          and (high is None or value <= high))
+
+
+def _seeded_parts(classes: Sequence[str], parts: int, seed: int) -> list[tuple[str, ...]]:
+  """`classes` in `parts` near-equal parts drawn with the seed, each in their order.
+  (The class setup's split since its first runs: changing it changes their classes.)"""
+  order = np.random.default_rng([seed, parts]).permutation(len(classes))
+  return [tuple(classes[i] for i in sorted(chunk))
+          for chunk in np.array_split(order, parts)]
+
+
+def _names(classes, where: str) -> tuple[str, ...]:
+  """Class names as strings; a split reference left among them is refused."""
+  unresolved = [c for c in classes if hasattr(c, "items")]
+  if unresolved:
+    raise ValueError(f"{where} holds the split reference {dict(unresolved[0])}: resolve "
+                     "it against the dataset's heads first (tasks.resolve_splits).")
+  return tuple(str(c) for c in classes)
 
 
 def label_positions(labels: np.ndarray, heads: Sequence[Head], classes) -> np.ndarray:
@@ -176,7 +263,7 @@ def make_plan(parts: Mapping[str, Sequence[str]],
   """
   if not parts:
     raise ValueError("The target has no parts: name at least one part and its classes.")
-  parts = tuple(Head(str(name), tuple(str(c) for c in classes))
+  parts = tuple(Head(str(name), _names(classes, f"Target part {name!r}"))
                 for name, classes in parts.items())
   for part in parts:
     if not part.classes:

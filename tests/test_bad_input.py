@@ -78,7 +78,7 @@ def files(tmp_path_factory, data_dir):
 # {files} the fixture's folder, {cfg:BODY} / {folder:BODY} a config file changed by BODY.
 CASES = [
     ("missing config file", "--config=tests/absent.py", r"--config=tests/absent.py: no such file"),
-    ("unknown config variant", "--config=configs/digits.py:bogus", r"Unknown digits variant 'bogus'"),
+    ("unknown config variant", "--config=configs/digits.py:bogus", r"variant='bogus': use one of"),
     ("unknown override field", "{tiny} --config.stage1.speed=2",
      r"--config.stage1.speed: the config has no field 'speed'"),
     ("override of the wrong type", "{tiny} --config.seed=abc", r"--config.seed=abc: invalid literal"),
@@ -118,6 +118,9 @@ CASES = [
      r"Duplicate names \['2'\] in the target parts"),
     ("teacher classes the dataset lacks", "{tiny} --config.teachers.t4=\"('3','4','5','cat')\"",
      r"Teacher classes \['cat'\] are not classes of dataset"),
+    ("a split reference to a part that is not there",
+     "{cfg:c.teachers.t1 = (dict(split='class', part=3, of=2, seed=0),)}",
+     r"teachers.t1\[0\].part=3: give the part's number, an integer from 1 to 2"),
     ("settings for a teacher that does not exist", "{cfg:c.teacher_domains.t9 = 'original'}",
      r"teacher_domains names \['t9'\], which are not teachers"),
     ("workdir that is a file", "{tiny} --workdir={files}/a_file", r"is a file: give a directory"),

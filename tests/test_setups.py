@@ -13,8 +13,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import tiny_config
-from kamal_jax import pipeline
-from kamal_jax.configs import attribute_setup, class_setup
+from kamal_jax import pipeline, tasks
+from kamal_jax.configs import arguments, attribute_setup, class_setup
+from kamal_jax.data import tfds_images
 
 EXAMPLES = 64  # per split and dataset
 
@@ -65,12 +66,20 @@ def _shrunk(config):
   return config
 
 
+def _heads(names) -> tuple[tasks.Head, ...]:
+  """The heads `data.load` gives the tfds datasets, from their metadata."""
+  return tuple(head for name in names for head in tfds_images.heads(
+      name, tfds_images.builder(name).info.features))
+
+
 def test_class_setup_dogs_with_cars(mocked_tfds, tmp_path):
   config = _shrunk(class_setup.get_config("main=stanford_dogs,aux=cars196"))
-  parts = config.target.parts
+  heads = _heads(config.data.datasets)
+  parts = tasks.resolve_splits(config.target.parts, heads, "target.parts")
   assert [len(parts[p]) for p in sorted(parts)] == [60, 60]
   assert sorted(config.teachers) == ["t11", "t12", "t23", "t24"]
-  assert len(config.teachers.t11) == 60 + 49
+  t11 = tasks.resolve_splits(config.teachers.t11, heads, "teachers.t11")
+  assert len(t11) == 60 + 49 and t11[:60] == parts["part1"]
   result = pipeline.train_and_evaluate(config, str(tmp_path))
   assert [c["teachers"] for c in result["components"]] == [["t11", "t12"], ["t23", "t24"]]
   assert result["student"]["accuracy_joint"] is not None  # dog classes are exclusive
@@ -98,3 +107,29 @@ def test_unknown_setup_arguments_name_the_choices():
     class_setup.get_config("main=mnist")
   with pytest.raises(ValueError, match="target='hands'"):
     attribute_setup.get_config("target=hands")
+
+
+def test_building_a_setup_reads_no_dataset(monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError(f"a config read the dataset {args}")
+  monkeypatch.setattr(tfds, "builder", refuse)
+  monkeypatch.setattr(tfds, "data_source", refuse)
+  config = class_setup.get_config("main=caltech_birds2011,seed=3")
+  assert config.target.parts.part2 == (
+      dict(split="caltech_birds2011", part=2, of=2, seed=3),)
+  assert config.teachers.t23[1] == dict(split="cars196", part=3, of=4, seed=3)
+  attribute_setup.get_config("target=face")
+
+
+def test_config_arguments_refuse_unknown_keys_and_bad_values():
+  defaults, choices = dict(main="a", seed=0), dict(main=("a", "b"))
+  assert arguments.parse("seed=3,main=b", defaults, choices) == dict(main="b", seed=3)
+  # A lone value is the first key's.
+  assert arguments.parse("b", defaults, choices) == dict(main="b", seed=0)
+  assert arguments.parse(None, defaults, choices) == defaults
+  with pytest.raises(ValueError, match=r"Unknown config argument 'aux': use main=, seed="):
+    arguments.parse("main=a,aux=b", defaults, choices)
+  with pytest.raises(ValueError, match=r"main='c': use one of \('a', 'b'\)\."):
+    arguments.parse("main=c", defaults, choices)
+  with pytest.raises(ValueError, match=r"seed='x': give an integer\."):
+    arguments.parse("seed=x", defaults, choices)

@@ -89,3 +89,42 @@ def test_label_positions_read_every_head_of_the_dataset():
   assert not tasks.shared_head(heads, [tasks.Head("p", ("husky", "audi"))])
   assert not tasks.shared_head(attributes, [attributes[0], attributes[1]])
   assert not tasks.shared_head(heads, [tasks.Head("p", ("unknown",))])
+
+
+TOYS = tasks.Head("toys", tuple("abcdefg"))
+
+
+def _split(part, of=3, seed=5, split="toys"):
+  return dict(split=split, part=part, of=of, seed=seed)
+
+
+def test_split_references_resolve_to_the_seeded_parts():
+  # default_rng([5, 3]).permutation(7) is [6 1 0 3 4 2 5]; in 3 parts [6 1 0] [3 4]
+  # [2 5]; each part in the head's order.
+  heads = (tasks.Head("other", ("x", "y")), TOYS)
+  parts = tasks.resolve_splits({"p1": [_split(1)], "p3": (_split(3),)}, heads, "target")
+  assert parts == {"p1": ("a", "b", "g"), "p3": ("c", "f")}
+  assert tasks.resolve_splits(["x", _split(2)], heads, "t") == ("x", "d", "e")
+  assert tasks.resolve_splits({"h": [_split(2)]}, heads, "t") == {"h": ("d", "e")}
+
+
+@pytest.mark.parametrize("reference, message", [
+    (_split(1, split="toy"), r"t\[0\].split='toy' names no head of the data: use one of "
+                             r"\['toys'\]"),
+    (_split(4), r"t\[0\].part=4: give the part's number, an integer from 1 to 3"),
+    (_split(1, of=8), r"t\[0\].of=8: give the number of parts, an integer from 1 to 7"),
+    (_split(1, seed=-1), r"t\[0\].seed=-1: give a non-negative integer"),
+    ({"split": "toys", "part": 1}, r"t\[0\]=.* is no split reference: give exactly"),
+])
+def test_bad_split_references_name_the_field_and_the_fix(reference, message):
+  with pytest.raises(ValueError, match=message):
+    tasks.resolve_splits([reference], (TOYS,), "teachers.t")
+
+
+def test_split_references_left_unresolved_are_refused():
+  with pytest.raises(ValueError, match=r"teachers.t is a split reference .* in a list"):
+    tasks.resolve_splits(_split(1), (TOYS,), "teachers.t")
+  with pytest.raises(ValueError, match=r"'t' holds the split reference .*resolve_splits"):
+    tasks.label_space([_split(1)], "t")
+  with pytest.raises(ValueError, match=r"Target part 'p' holds the split reference"):
+    tasks.make_plan({"p": [_split(1)]}, _spaces({"t": ["a"]}))
