@@ -12,7 +12,6 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from kamal_jax import data, joint, train

@@ -1,7 +1,6 @@
 """The shrunk digits default end to end: report, checkpoints, resume, determinism, CLI."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ import pytest
 
 import ml_collections
 
-from kamal_jax import bench, main, pipeline, teachers, train
+from kamal_jax import bench, main, pipeline, train
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,13 +1,13 @@
 """The metric log: every stage's metric means per logged step, to TensorBoard event
 files and to metrics.jsonl (which the report's plots read)."""
 import json
-import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from kamal_jax import files, parallel
+from kamal_jax.train.tensorboard import EventFile
 
 __all__ = ["MetricLog"]
 
@@ -22,24 +22,9 @@ def _kept(line: str, stage: str, step: int) -> bool:
   return record["stage"] != stage or record["step"] <= step
 
 
-def _summary_writer(logdir: Path):
-  """tensorboardX's SummaryWriter. Its module imports torch wherever torch is
-  installed, for a type check that the floats written here never reach: 1.2 s of
-  every run. Where torch is not imported yet, the import is hidden from it."""
-  if "torch" in sys.modules:
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  else:
-    sys.modules["torch"] = None  # makes `import torch` raise ImportError
-    try:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    finally:
-      del sys.modules["torch"]
-  return SummaryWriter(str(logdir))
-
-
 class MetricLog:
-  """Metric means per stage and step, to TensorBoard event files (tensorboardX) and
-  to metrics.jsonl, which the report's plots read.
+  """Metric means per stage and step, to TensorBoard event files and to
+  metrics.jsonl, which the report's plots read.
 
   A vector metric ([K], one entry per teacher or component) named 'prefix/name' is
   written per entry, under the names `labels[prefix]`.
@@ -47,7 +32,7 @@ class MetricLog:
 
   def __init__(self, workdir: Path):
     self.primary = parallel.primary()  # the only process that writes
-    self.tensorboard = _summary_writer(workdir / "tensorboard") if self.primary else None
+    self.tensorboard = EventFile(workdir / "tensorboard") if self.primary else None
     self.path = workdir / "metrics.jsonl"
 
   def resume(self, stage: str, step: int):
@@ -72,6 +57,7 @@ class MetricLog:
         record[key] = dict(zip(labels[key.rpartition("/")[0]], map(float, value)))
         for label, v in record[key].items():
           self.tensorboard.add_scalar(f"{stage}/{key}/{label}", v, step)
+    self.tensorboard.flush()
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
 
