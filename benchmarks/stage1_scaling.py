@@ -40,7 +40,7 @@ def _none_after_ambiguity(ambiguity_values, key, correct, temperature):
   return jnp.full((b, k), 1.0 / k) + 0.0 * jnp.sum(ambiguity_values)
 
 
-ambiguity.RULES[CONTROL] = _none_after_ambiguity  # the step looks rules up by name
+ambiguity.RULES[CONTROL] = ambiguity.Rule(_none_after_ambiguity)  # the step looks rules up by name
 
 
 def main(argv):

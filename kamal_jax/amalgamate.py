@@ -40,12 +40,13 @@ from absl import logging
 
 from kamal_jax import ambiguity, data, evaluate, joint, losses, models, parallel, tasks, train
 from kamal_jax.examples import Examples
-from kamal_jax.models import Bridges
+from kamal_jax.models import Bridges, Outputs
 from kamal_jax.teachers import (TeacherStack, map_stacked, stack_variables, stacked_apply,
                                 sub_stacks)
 
-__all__ = ["Amalgamation", "amalgamation_loss", "component_frozen", "group_frozen", "init",
-           "LOGIT_LOSSES", "settings", "single_stage", "stage", "stage1", "stage2"]
+__all__ = ["Amalgamation", "amalgamation_loss", "batches", "component_frozen",
+           "frozen_outputs", "group_frozen", "init", "LOGIT_LOSSES", "resized", "settings",
+           "shapes_of", "single_stage", "stage", "stage1", "stage2", "tap_shapes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +93,7 @@ def _feature_mse(predicted: tuple, target: tuple) -> jnp.ndarray:
   return sum(losses.mse(p, t, batch_dims=2) for p, t in zip(predicted, target))
 
 
-def _resized(feats: tuple, like: tuple) -> tuple:
+def resized(feats: tuple, like: tuple) -> tuple:
   """Stacked taps [K, B, H', W', c] resized (bilinear) to the spatial size of the
   network's taps [B, H, W, D] where they differ."""
   def one(f, reference):
@@ -103,6 +104,15 @@ def _resized(feats: tuple, like: tuple) -> tuple:
   return tuple(one(f, r) for f, r in zip(feats, like))
 
 
+def frozen_outputs(module: nn.Module, stack: dict, x, outputs) -> Outputs:
+  """A frozen stack's eval-mode outputs on x, [K_s, B, ...]: read from `outputs` (the
+  batch's 'frozen' entry for the stack, [B, K_s, ...], computed before the stage)
+  where given, else run (no gradient flows into them)."""
+  if outputs is None:
+    return jax.lax.stop_gradient(stacked_apply(module, stack["nets"], x, in_step=True))
+  return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), outputs)
+
+
 def _frozen_targets(spec: Amalgamation, g: int, params, frozen, x, feats, outputs):
   """The group's frozen networks on x, stack by stack, joined along K: restricted
   logits [K, B, P] ([K, B, P + 1] with the rest logit), feature targets
@@ -111,10 +121,7 @@ def _frozen_targets(spec: Amalgamation, g: int, params, frozen, x, feats, output
   ([B, K_s, ...]), or None to run them."""
   logits, targets, weight_norm = [], [], jnp.zeros(())
   for s, (module, stack) in enumerate(zip(spec.frozen_nets[g], frozen["stacks"])):
-    if outputs is None:
-      out = jax.lax.stop_gradient(stacked_apply(module, stack["nets"], x, in_step=True))
-    else:
-      out = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), outputs[s])
+    out = frozen_outputs(module, stack, x, None if outputs is None else outputs[s])
     if spec.rest != "none":
       logits.append(joint.rest_logit(out.logits, stack["index"], stack["outside"]))
     else:
@@ -126,7 +133,7 @@ def _frozen_targets(spec: Amalgamation, g: int, params, frozen, x, feats, output
       weight_norm += sum(jnp.sum(jax.vmap(losses.weight_norm_penalty)(k)) for k in kernels)
     else:
       targets.append(out.feats)
-  joined = tuple(jnp.concatenate(taps) for taps in zip(*(_resized(t, feats) for t in targets)))
+  joined = tuple(jnp.concatenate(taps) for taps in zip(*(resized(t, feats) for t in targets)))
   logits = jnp.concatenate(logits)
   if spec.rest != "none":
     logits = joint.RESTS[spec.rest](logits)
@@ -201,7 +208,8 @@ def amalgamation_loss(spec: Amalgamation, params, batch_stats, frozen, batch):
   return total, (metrics, batch_stats)
 
 
-def _tap_shapes(module: nn.Module, variables, x) -> tuple:
+def tap_shapes(module: nn.Module, variables, x) -> tuple:
+  """The shapes of each feature tap of `module` with `variables` (shapes suffice) on x."""
   return tuple(f.shape for f in jax.eval_shape(
       lambda v: module.apply(v, x, train=False), variables).feats)
 
@@ -227,7 +235,7 @@ def init(spec: Amalgamation, key, frozen_shapes, x) -> dict:
   """
   k_net, k_groups = jax.random.split(key)
   variables = spec.net.init(k_net, x, train=False)
-  net_taps = _tap_shapes(spec.net, variables, x)
+  net_taps = tap_shapes(spec.net, variables, x)
   groups = {}
   for g, k_group in enumerate(jax.random.split(k_groups, len(spec.head_sizes))):
     stacks = frozen_shapes["groups"][str(g)]["stacks"]
@@ -235,7 +243,7 @@ def init(spec: Amalgamation, key, frozen_shapes, x) -> dict:
     for module, stack in zip(spec.frozen_nets[g], stacks):
       counts.append(jax.tree.leaves(stack["nets"])[0].shape[0])
       one = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), stack["nets"])
-      taps = _tap_shapes(module, one, x)
+      taps = tap_shapes(module, one, x)
       if len(taps) != len(net_taps):
         raise ValueError(
             f"Head {g}'s frozen networks have {len(taps)} feature taps and the network "
@@ -284,13 +292,13 @@ def component_frozen(module: nn.Module, variables, part_size: int):
       "outside": (np.arange(module.num_outputs) >= part_size)[None]}]}
 
 
-def _frozen_outputs(spec: Amalgamation, frozen, examples: Examples, batch_size: int,
-                    cache_mb: float) -> dict | None:
+def _outputs_once(frozen_nets, frozen, examples: Examples, batch_size: int,
+                  cache_mb: float) -> dict | None:
   """The frozen networks' outputs on every image of `examples`, computed once for a
   stage: {str(g): [Outputs of [N, K_s, ...] host arrays, one per stack]}. Only where
   every epoch shows the same images (no augmentation) and the outputs fit in
   `cache_mb`; else None, and each step runs the frozen networks."""
-  stacks = [(str(g), module, stack) for g, modules in enumerate(spec.frozen_nets)
+  stacks = [(str(g), module, stack) for g, modules in enumerate(frozen_nets)
             for module, stack in zip(modules, frozen["groups"][str(g)]["stacks"])]
   x = examples.example()
   shapes = lambda module, nets: jax.eval_shape(
@@ -310,36 +318,52 @@ def _frozen_outputs(spec: Amalgamation, frozen, examples: Examples, batch_size: 
   return outputs
 
 
+def batches(name: str, frozen_nets, frozen, examples: Examples, batch_size: int,
+            rule: ambiguity.Rule, *, seed: int, eval_batch_size: int,
+            frozen_output_cache_mb: float):
+  """step -> the batch of a stage that learns from frozen networks (`frozen`, their
+  architectures `frozen_nets` per group) on `examples`: 'image'; 'frozen', the
+  frozen networks' outputs, where they are computed once for the stage
+  (`_outputs_once`: {str(g): [Outputs [B, K_s, ...] per stack]}); a PRNG key per
+  image ('key', [B, 2]) and the images' positions in the network's parts ('label',
+  [B, G]) where the selection `rule` needs them."""
+  cached = functools.cache(lambda: _outputs_once(frozen_nets, frozen, examples,
+                                                 eval_batch_size, frozen_output_cache_mb))
+
+  def batch(step):
+    rows = examples.rows(batch_size, seed, name, step)
+    out = {"image": examples.read(examples.indices[rows], name, step)}
+    if cached() is not None:
+      out["frozen"] = jax.tree.map(lambda a: a[rows], cached())
+    if rule.needs_labels:
+      out["label"] = examples.labels[rows]
+    if rule.needs_key:
+      keys = data.stream_rng(seed, f"{name}/keys", step).integers(
+          0, 2**32, size=(batch_size, 2), dtype=np.uint32)
+      out["key"] = parallel.local_rows(keys)
+    return out
+
+  return batch
+
+
+def shapes_of(tree):
+  """The tree's shapes and dtypes (what `init` reads of the frozen networks)."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), tree)
+
+
 def stage(name: str, spec: Amalgamation, frozen, examples: Examples,
           cfg: ml_collections.ConfigDict, labels, *, seed: int, rng_impl: str,
           eval_batch_size: int, frozen_output_cache_mb: float,
           warm_start=None) -> train.Stage:
   """The stage training spec.net by `amalgamation_loss` on `examples` (their labels:
-  [N, G] positions in the network's parts, read by the oracle rule only), by `cfg`
-  (a config section: steps, batch_size, optimizer); `labels` names the entries of
-  its per-group metrics. Each batch holds 'image', and 'frozen' (the frozen networks'
-  outputs) where they are computed once (`_frozen_outputs`), a key per image for the
-  random rule, labels for the oracle."""
-  cached = functools.cache(lambda: _frozen_outputs(spec, frozen, examples, eval_batch_size,
-                                                   frozen_output_cache_mb))
-
-  def batches(step):
-    rows = examples.rows(cfg.batch_size, seed, name, step)
-    batch = {"image": examples.read(examples.indices[rows], name, step)}
-    if cached() is not None:
-      batch["frozen"] = jax.tree.map(lambda a: a[rows], cached())
-    if spec.selection in ambiguity.NEEDS_LABELS:
-      batch["label"] = examples.labels[rows]
-    if spec.selection in ambiguity.NEEDS_KEY:
-      keys = data.stream_rng(seed, f"{name}/keys", step).integers(
-          0, 2**32, size=(cfg.batch_size, 2), dtype=np.uint32)
-      batch["key"] = parallel.local_rows(keys)
-    return batch
-
-  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
-                        frozen)
-  x = examples.example()
-  return train.Stage(name, amalgamation_loss, spec, frozen, batches,
+  [N, G] positions in the network's parts, read by the oracle rule only; see
+  `batches`), by `cfg` (a config section: steps, batch_size, optimizer); `labels`
+  names the entries of its per-group metrics."""
+  batch = batches(name, spec.frozen_nets, frozen, examples, cfg.batch_size,
+                  ambiguity.RULES[spec.selection], seed=seed, eval_batch_size=eval_batch_size,
+                  frozen_output_cache_mb=frozen_output_cache_mb)
+  shapes, x = shapes_of(frozen), examples.example()
+  return train.Stage(name, amalgamation_loss, spec, frozen, batch,
                      lambda key: init(spec, key, shapes, x),
                      data.stream_key(seed, rng_impl, name), cfg.optimizer, cfg.steps,
                      labels, warm_start)

@@ -3,13 +3,13 @@
 Every measure maps logits [..., C] to an ambiguity [...] (larger = less sure), over
 the last axis only, so it serves any leading shape, e.g. [K, B, C] -> [K, B].
 """
+import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["entropy", "get", "margin", "max_prob", "NEEDS_KEY", "NEEDS_LABELS", "RULES",
-           "select", "weights"]
+__all__ = ["entropy", "get", "margin", "max_prob", "Rule", "RULES", "select", "weights"]
 
 
 def entropy(logits: jnp.ndarray) -> jnp.ndarray:
@@ -87,10 +87,16 @@ def _oracle(ambiguity, key, correct, temperature):
   return select(jnp.where(anyone & ~correct, jnp.inf, ambiguity))
 
 
-RULES = {"least": _least, "none": _none, "random": _random, "soft": _soft,
-         "oracle": _oracle}
-NEEDS_KEY = ("random",)
-NEEDS_LABELS = ("oracle",)
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """A selection rule and what its batches must carry besides the images."""
+  weigh: Callable  # (ambiguity [K, B], key, correct, temperature) -> weights [B, K]
+  needs_key: bool = False  # a PRNG key per sample ('key')
+  needs_labels: bool = False  # the samples' positions in the parts ('label')
+
+
+RULES = {"least": Rule(_least), "none": Rule(_none), "random": Rule(_random, needs_key=True),
+         "soft": Rule(_soft), "oracle": Rule(_oracle, needs_labels=True)}
 
 
 def weights(rule: str, ambiguity: jnp.ndarray, *, key=None, correct=None,
@@ -98,4 +104,4 @@ def weights(rule: str, ambiguity: jnp.ndarray, *, key=None, correct=None,
   """[K, B] ambiguity -> [B, K] per-sample teacher weights under `rule`."""
   if rule not in RULES:
     raise ValueError(f"Unknown selection rule {rule!r}: use one of {sorted(RULES)}.")
-  return RULES[rule](ambiguity, key, correct, temperature)
+  return RULES[rule].weigh(ambiguity, key, correct, temperature)

@@ -201,7 +201,7 @@ def _selection(run, g: int, group: tasks.Group, logits: dict, indices: np.ndarra
 
 def run_scores(run, networks) -> dict:
   """The report's numbers of a run (`pipeline.Run`) and its networks
-  (`kinds.Networks`): every network scored on the held-out split, with sizes and
+  (`networks.Networks`): every network scored on the held-out split, with sizes and
   what each component's selection rule chose."""
   plan, pool = run.plan, networks.teachers
   teacher_logits = _teacher_logits(run, pool, run.test_indices)

@@ -209,7 +209,7 @@ def write(directory: Path, module: models.ResNet, variables, description: dict,
 
 def networks(run, trained, network: str, out: Path, graphs=tuple(GRAPHS)) -> list[Path]:
   """Writes the model folders (`write`, with the given graphs) of a run's
-  (`pipeline.Run`) trained networks (`kinds.Networks`): its student (out/student),
+  (`pipeline.Run`) trained networks (`networks.Networks`): its student (out/student),
   its components (out/components/<part>) or its teachers (out/teachers/<name>), each
   checked on the run's first test images; returns the folders."""
   plan, kind = run.plan, run.config.pipeline

@@ -13,26 +13,12 @@ import numpy as np
 
 from kamal_jax import amalgamate, models, supervised, tasks, teachers
 from kamal_jax.examples import Examples
+from kamal_jax.networks import Network, Networks
 
 if TYPE_CHECKING:
   from kamal_jax.pipeline import Run
 
-__all__ = ["Network", "Networks", "PIPELINES", "train_teachers"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Network:
-  module: object  # a Flax module
-  variables: dict  # {'params', 'batch_stats'}, host arrays
-  head_sizes: tuple[int, ...]  # its heads' widths, side by side (a rest logit counted)
-
-
-@dataclasses.dataclass(frozen=True)
-class Networks:
-  """What a run has trained so far."""
-  teachers: list[teachers.TeacherStack]  # the pool, one stack per architecture
-  components: list[Network] = dataclasses.field(default_factory=list)  # one per group
-  student: Network | None = None
+__all__ = ["PIPELINES", "train_teachers"]
 
 
 def _from_labels(run: "Run", name: str, step: str, module, space: tasks.LabelSpace,
@@ -136,8 +122,12 @@ def _student_from_labels(run: "Run", networks: Networks) -> Networks:
 
 
 PIPELINES = {
+    # The method: components (stage 1), then the student from them (stage 2).
     "two_stage": (("stage1", _components), ("stage2", _student_from_components)),
+    # The student from the teachers directly (stage 2 only).
     "single_stage": (("stage2", _student_from_teachers),),
+    # No student: the teachers of each group, averaged, answer.
     "ensemble": (),
+    # The student trained with labels on the target classes (an upper bound).
     "supervised": (("stage2", _student_from_labels),),
 }

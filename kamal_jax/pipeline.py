@@ -8,11 +8,7 @@ Every stage is a value (`train.Stage`) made by a factory beside its method
 a later stage restores what the earlier ones left.
 
 `config.pipeline` names what stands between the teachers and the report, one entry
-of `kinds.PIPELINES`:
-  two_stage     the method: components (stage 1), then the student from them (stage 2);
-  single_stage  the student from the teachers directly (stage 2 only);
-  ensemble      no student: the teachers of each group, averaged, answer;
-  supervised    the student trained with labels on the target classes (an upper bound).
+of `kinds.PIPELINES` (the method's two stages by default).
 """
 import dataclasses
 import json
@@ -27,7 +23,8 @@ from absl import logging
 from kamal_jax import (compilation, data, door, evaluate, export, files, models, parallel,
                        report, tasks, teachers, train)
 from kamal_jax.examples import Examples
-from kamal_jax.kinds import PIPELINES, Networks, train_teachers
+from kamal_jax.kinds import PIPELINES, train_teachers
+from kamal_jax.networks import Networks
 
 __all__ = ["enable_compilation_cache", "export_workdir", "NETWORKS", "PIPELINES", "prepare",
            "restore_networks", "Run", "StageNotReadyError", "STAGES", "train_and_evaluate"]
