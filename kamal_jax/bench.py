@@ -43,6 +43,7 @@ VARIANTS = {
     "kd-logits": Variant({"pipeline": "single_stage", "stage1.selection": "none",
                           "stage1.feature_weight": 0.0, "stage1.logit_loss": "kd"},
                          "multi-teacher KD of logits, no bridges"),
+    "cfl": Variant({"pipeline": "cfl"}, "Common Feature Learning (Luo et al. 2019)"),
     "ensemble": Variant({"pipeline": "ensemble"}, "the teachers themselves, K forwards"),
     "supervised": Variant({"pipeline": "supervised"}, "upper bound: uses labels"),
 }

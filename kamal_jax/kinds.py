@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import ml_collections
 import numpy as np
 
-from kamal_jax import amalgamate, models, supervised, tasks, teachers
+from kamal_jax import amalgamate, cfl, models, supervised, tasks, teachers
 from kamal_jax.examples import Examples
 from kamal_jax.networks import Network, Networks
 
@@ -130,4 +130,6 @@ PIPELINES = {
     "ensemble": (),
     # The student trained with labels on the target classes (an upper bound).
     "supervised": (("stage2", _student_from_labels),),
+    # Common Feature Learning (Luo et al. 2019): the student from every teacher at once.
+    "cfl": (("stage2", cfl.student),),
 }
