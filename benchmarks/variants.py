@@ -10,9 +10,12 @@ runs every variant of `kamal_jax.bench.VARIANTS` (or --variants=a,b) for each se
 A cell is reproduced alone by the plain command with the variant's overrides, e.g.
   kamal-jax --config=configs/digits.py:domains --config.seed=3 \
       --config.stage1.selection=none --workdir=W
-Finished runs in the workdir are reused, so an interrupted table resumes.
+Finished runs in the workdir are reused, so an interrupted table resumes. With
+--update, only --variants run and the table's other rows stay as its JSON holds them
+(the header names both commands).
 """
 import datetime
+import json
 import os
 import platform
 import sys
@@ -33,6 +36,7 @@ flags.DEFINE_string("workdir", None, "Where each run's workdir goes.")
 flags.DEFINE_string("out", None, "Markdown table to write (plot and JSON beside it).")
 flags.DEFINE_list("variants", list(bench.VARIANTS), "Variants to run.")
 flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds.")
+flags.DEFINE_bool("update", False, "Run only --variants; keep the other rows of --out.")
 flags.DEFINE_string("compilation_cache", "~/.cache/kamal_jax/jax",
                     "JAX persistent compilation cache directory; '' turns it off.")
 flags.mark_flags_as_required(["config", "workdir", "out"])
@@ -45,13 +49,26 @@ def main(argv):
     pipeline.enable_compilation_cache(FLAGS.compilation_cache)
   seeds = [int(s) for s in FLAGS.seeds]
   start = time.perf_counter()
-  reports = bench.run(FLAGS.config, FLAGS.variants, seeds, Path(FLAGS.workdir))
+  out = Path(FLAGS.out)
+  values = bench.per_seed(bench.run(FLAGS.config, FLAGS.variants, seeds, Path(FLAGS.workdir)))
   minutes = (time.perf_counter() - start) / 60
+  provenance = [f"Command: `python {' '.join(sys.argv)}`  ",
+                f"Date: {datetime.date.today()}; wall time {minutes:.1f} min for the whole table.  "]
+  if FLAGS.update:
+    old = json.loads(out.with_suffix(".json").read_text())
+    if any(set(by_seed) != {str(s) for s in seeds} for by_seed in old.values()):
+      raise ValueError(f"{out.with_suffix('.json')} holds other seeds than {seeds}: "
+                       "rerun the whole table.")
+    previous = [line for line in out.read_text().splitlines()
+                if line.startswith(("Command:", "Date:", "Updated:"))]
+    provenance = previous + [
+        f"Updated: rows {', '.join(FLAGS.variants)} by `python {' '.join(sys.argv)}` on "
+        f"{datetime.date.today()} ({minutes:.1f} min); the other rows as before.  "]
+    values = bench.merged(old, values)
   header = "\n".join([
-      f"# {Path(FLAGS.out).stem}: variants over seeds",
+      f"# {out.stem}: variants over seeds",
       "",
-      f"Command: `python {' '.join(sys.argv)}`  ",
-      f"Date: {datetime.date.today()}; wall time {minutes:.1f} min for the whole table.  ",
+      *provenance,
       f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
       f"{jax.devices()[0].device_kind}; Python {sys.version.split()[0]}, jax "
       f"{jax.__version__}, flax {flax.__version__}, optax {optax.__version__}.  ",
@@ -61,8 +78,8 @@ def main(argv):
       "the selection-weighted teacher logits (the stage-1 target) and the weight on "
       "each image's own-domain teacher, on the parts' test images; student "
       "parameters; seconds of the run after the (shared) teachers."])
-  bench.write(reports, seeds, Path(FLAGS.out), header)
-  print(Path(FLAGS.out).read_text())
+  bench.write(values, seeds, out, header)
+  print(out.read_text())
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import numpy as np
 
 from kamal_jax import pipeline, report
 
-__all__ = ["aggregate", "COLUMNS", "comparison", "configure", "markdown", "per_seed",
-           "plot", "run", "Variant", "VARIANTS", "write"]
+__all__ = ["aggregate", "COLUMNS", "comparison", "configure", "markdown", "merged",
+           "per_seed", "plot", "run", "Variant", "VARIANTS", "write"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,15 +109,15 @@ def run(base: ml_collections.ConfigDict, variants, seeds, workdir: Path) -> dict
   return reports
 
 
-def aggregate(reports: dict) -> dict:
-  """{variant: {column: (mean, std) or None}} over seeds."""
+def aggregate(values: dict) -> dict:
+  """The per-seed numbers (`per_seed`) -> {variant: {column: (mean, std) or None}}."""
   table = {}
-  for variant, by_seed in reports.items():
+  for variant, by_seed in values.items():
     table[variant] = {}
-    for column, read in COLUMNS.items():
-      values = [read(r) for r in by_seed.values()]
-      table[variant][column] = None if any(v is None for v in values) else (
-          float(np.mean(values)), float(np.std(values)))
+    for column in COLUMNS:
+      column_values = [numbers[column] for numbers in by_seed.values()]
+      table[variant][column] = None if any(v is None for v in column_values) else (
+          float(np.mean(column_values)), float(np.std(column_values)))
   return table
 
 
@@ -184,14 +184,24 @@ def plot(table: dict, path: Path):
 
 
 def per_seed(reports: dict) -> dict:
-  """The numbers behind every cell: {variant: {seed: {column: value}}}."""
-  return {v: {s: {c: COLUMNS[c](r) for c in COLUMNS} for s, r in by_seed.items()}
+  """The numbers behind every cell: {variant: {seed (str): {column: value}}}, from
+  {variant: {seed: report}}; what a table's JSON holds."""
+  return {v: {str(s): {c: COLUMNS[c](r) for c in COLUMNS} for s, r in by_seed.items()}
           for v, by_seed in reports.items()}
 
 
-def write(reports: dict, seeds, out: Path, header: str):
-  table = aggregate(reports)
+def merged(old: dict, new: dict) -> dict:
+  """A table's per-seed numbers with some variants' rows replaced or added by a newer
+  run's, in the order of VARIANTS."""
+  rows = {**old, **new}
+  return {v: rows[v] for v in VARIANTS if v in rows}
+
+
+def write(values: dict, seeds, out: Path, header: str):
+  """The table of per-seed numbers (`per_seed`) as <out> (markdown), its plot and
+  its JSON."""
+  table = aggregate(values)
   plot(table, out.with_suffix(".png"))
-  out.with_suffix(".json").write_text(json.dumps(per_seed(reports), indent=1, default=float) + "\n")
+  out.with_suffix(".json").write_text(json.dumps(values, indent=1, default=float) + "\n")
   out.write_text(f"{header}\n\n{markdown(table, seeds)}\n\n![accuracy per variant]"
                  f"({out.with_suffix('.png').name})\n")

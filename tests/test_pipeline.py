@@ -162,7 +162,8 @@ def test_every_pipeline_variant_runs_through_one_pipeline_and_report(tiny, tmp_p
   assert reports["least-entropy"]["components"][1]["classes"] == ["3", "4"]
 
   out = tmp_path / "table.md"
-  bench.write(bench.run(config, ["least-entropy", "none"], [0], tmp_path), [0], out, "# t")
+  bench.write(bench.per_seed(bench.run(config, ["least-entropy", "none"], [0], tmp_path)),
+              [0], out, "# t")
   text = out.read_text()
   assert "| least-entropy |" in text and "| none |" in text and "+-" in text
   assert out.with_suffix(".png").exists()
