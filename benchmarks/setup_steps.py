@@ -100,21 +100,20 @@ def main(argv):
   student = models.create(cfg.student, sum(plan.head_sizes), cfg.student_width_scale,
                           cfg.dtype, axis_name=train.AXIS)
   stage1 = amalgamate.Amalgamation(
-      net=component, frozen_nets=((teacher,),), head_sizes=(len(group.part.classes),),
+      net=component, head_sizes=(len(group.part.classes),),
       bridge_widths=tuple(config.stage1.bridge_widths))
-  frozen1 = {"groups": {"0": {"stacks": [{
-      "nets": teachers.take(pool, range(len(group.teachers))), "index": group.index}]}}}
+  frozen1 = ((amalgamate.FrozenStack(teacher, teachers.take(pool, range(len(group.teachers))),
+                                     group.index),),)
   components = _init(component, x, 1, 1)
   stage2 = amalgamate.Amalgamation(
-      net=student, frozen_nets=tuple((component,) for _ in plan.groups),
-      head_sizes=plan.head_sizes, bridge_widths=tuple(component.widths),
+      net=student, head_sizes=plan.head_sizes, bridge_widths=tuple(component.widths),
       frozen_bridges=False)
-  frozen2 = {"groups": {str(g): {"stacks": [{
-      "nets": components, "index": np.arange(len(group.part.classes), dtype=np.int32)[None]}]}
-      for g in range(len(plan.groups))}}
+  frozen2 = tuple((amalgamate.FrozenStack(
+      component, components, np.arange(len(group.part.classes), dtype=np.int32)[None]),)
+      for _ in plan.groups)
   for name, spec, frozen, cfg_stage in (("stage 1 (component)", stage1, frozen1, config.stage1),
                                         ("stage 2 (student)", stage2, frozen2, config.stage2)):
-    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), frozen)
+    shapes = amalgamate.shapes_of(frozen)
     state = jax.jit(lambda: train.create_state(
         amalgamate.init(spec, jax.random.key(2, impl="rbg"), shapes, x),
         cfg_stage.optimizer, 100))()

@@ -130,25 +130,24 @@ def jax_inputs(problem: Problem, start: "TorchAmalgamation", dtype: str = "float
   before its first step), so both sides compute the same numbers."""
   module, variables = _flax(problem.net, dtype)
   module = module.clone(bn_axis_name=train.AXIS)  # trained by the project's step
-  frozen_modules, frozen, groups = [], {"groups": {}}, {}
+  frozen, groups = [], {}
   for g, (nets, index, group) in enumerate(zip(problem.frozen, problem.index, start.groups)):
     converted = [_flax(n, dtype) for n in nets]
-    frozen_modules.append((converted[0][0],))
-    frozen["groups"][str(g)] = {"stacks": [{
-        "nets": teachers.stack_variables([v for _, v in converted]), "index": index}]}
+    frozen.append((amalgamate.FrozenStack(
+        converted[0][0], teachers.stack_variables([v for _, v in converted]), index),))
     groups[str(g)] = {"net_bridges": _stacked_bridges(group.net_bridges),
                       "logit_scale": group.logit_scale.detach().numpy()}
     if problem.frozen_bridges:
       groups[str(g)]["frozen_bridges"] = [_stacked_bridges(group.frozen_bridges)]
   spec = amalgamate.Amalgamation(
-      net=module, frozen_nets=tuple(frozen_modules), head_sizes=problem.head_sizes,
+      net=module, head_sizes=problem.head_sizes,
       bridge_widths=problem.bridge_widths, frozen_bridges=problem.frozen_bridges,
       selection=start.selection)
   state = train.create_state(
       {"params": {"net": variables["params"], "groups": groups},
        "batch_stats": variables["batch_stats"]},
       digits.optimizer(LEARNING_RATE, BRIDGE_LEARNING_RATE), 10**6)
-  return spec, state, frozen, {"image": problem.images}
+  return spec, state, tuple(frozen), {"image": problem.images}
 
 
 def jax_step(problem: Problem, start: "TorchAmalgamation", dtype: str = "float32"):

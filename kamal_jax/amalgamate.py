@@ -22,6 +22,9 @@ With a `rest`, z_k carries one more logit, the teacher's mass outside the part
 (`joint.rest_logit`; 'mean': agreed by the group's teachers), which a component
 learns as an extra output.
 
+The frozen networks are a tuple over groups of tuples over stacks of `FrozenStack`
+(the architecture, static, beside its arrays).
+
 Trainable parameters: {'net': the network, 'groups': {str(g): {
   'net_bridges': [K] bridge sets S_k on the network's features,
   'frozen_bridges': per stack s, [K_s] bridge sets T_k on its networks' features
@@ -32,6 +35,7 @@ import dataclasses
 import functools
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -45,15 +49,25 @@ from kamal_jax.teachers import (TeacherStack, map_stacked, stack_variables, stac
                                 sub_stacks)
 
 __all__ = ["Amalgamation", "amalgamation_loss", "batches", "component_frozen",
-           "frozen_outputs", "group_frozen", "init", "LOGIT_LOSSES", "resized", "settings",
-           "shapes_of", "single_stage", "stage", "stage1", "stage2", "tap_shapes"]
+           "FrozenStack", "frozen_outputs", "group_frozen", "init", "LOGIT_LOSSES",
+           "metric_labels", "metric_name", "resized", "settings", "shapes_of", "single_stage",
+           "stage", "stage1", "stage2", "tap_shapes", "VECTOR_METRICS"]
+
+
+@flax.struct.dataclass
+class FrozenStack:
+  """K_s frozen networks of one architecture in a group: what gives the targets."""
+  module: nn.Module = flax.struct.field(pytree_node=False)  # their architecture
+  nets: object  # their variables, every leaf [K_s, ...]
+  index: jnp.ndarray  # [K_s, P] the part's positions in each network's logits
+  outside: jnp.ndarray | None = None  # [K_s, C] bool: the classes of the head that
+  #   holds the part, but the part's (read where the targets carry a rest logit)
 
 
 @dataclasses.dataclass(frozen=True)
 class Amalgamation:
   """What a stage trains and how (static, hashable: one compiled step per value)."""
   net: nn.Module
-  frozen_nets: tuple[tuple[nn.Module, ...], ...]  # per group, each stack's architecture
   head_sizes: tuple[int, ...]  # the network's heads, one per group
   bridge_widths: tuple[int, ...]  # outputs of the network-side bridges, per tap
   frozen_bridges: bool = True  # False: compare with the frozen features themselves
@@ -104,28 +118,29 @@ def resized(feats: tuple, like: tuple) -> tuple:
   return tuple(one(f, r) for f, r in zip(feats, like))
 
 
-def frozen_outputs(module: nn.Module, stack: dict, x, outputs) -> Outputs:
+def frozen_outputs(stack: FrozenStack, x, outputs) -> Outputs:
   """A frozen stack's eval-mode outputs on x, [K_s, B, ...]: read from `outputs` (the
   batch's 'frozen' entry for the stack, [B, K_s, ...], computed before the stage)
   where given, else run (no gradient flows into them)."""
   if outputs is None:
-    return jax.lax.stop_gradient(stacked_apply(module, stack["nets"], x, in_step=True))
+    return jax.lax.stop_gradient(stacked_apply(stack.module, stack.nets, x, in_step=True))
   return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), outputs)
 
 
-def _frozen_targets(spec: Amalgamation, g: int, params, frozen, x, feats, outputs):
+def _frozen_targets(spec: Amalgamation, params, group: tuple[FrozenStack, ...], x, feats,
+                    outputs):
   """The group's frozen networks on x, stack by stack, joined along K: restricted
   logits [K, B, P] ([K, B, P + 1] with the rest logit), feature targets
   ([K, B, H, W, c] per tap, at the network's tap sizes) and the weight-norm penalty
   of the frozen-side bridges. `outputs`: the stacks' outputs on x computed beforehand
   ([B, K_s, ...]), or None to run them."""
   logits, targets, weight_norm = [], [], jnp.zeros(())
-  for s, (module, stack) in enumerate(zip(spec.frozen_nets[g], frozen["stacks"])):
-    out = frozen_outputs(module, stack, x, None if outputs is None else outputs[s])
+  for s, stack in enumerate(group):
+    out = frozen_outputs(stack, x, None if outputs is None else outputs[s])
     if spec.rest != "none":
-      logits.append(joint.rest_logit(out.logits, stack["index"], stack["outside"]))
+      logits.append(joint.rest_logit(out.logits, stack.index, stack.outside))
     else:
-      logits.append(jnp.take_along_axis(out.logits, stack["index"][:, None, :], axis=-1))
+      logits.append(jnp.take_along_axis(out.logits, stack.index[:, None, :], axis=-1))
     if spec.frozen_bridges:
       bridges = params["frozen_bridges"][s]
       targets.append(_bridge(spec.bridge_widths, bridges, out.feats, True))
@@ -140,14 +155,14 @@ def _frozen_targets(spec: Amalgamation, g: int, params, frozen, x, feats, output
   return logits, joined, weight_norm
 
 
-def _group_loss(spec: Amalgamation, g: int, params, frozen, x, logits, feats, key,
-                labels, outputs):
+def _group_loss(spec: Amalgamation, params, group: tuple[FrozenStack, ...], x, logits, feats,
+                key, labels, outputs):
   """Group g's term: logits [B, H] of the network's head (H = P, or P + 1 where a
   component learns the rest logit too) and its feats; labels [B] (positions in the
   part, -1 outside it) only for the oracle rule; outputs: see `_frozen_targets`.
   Returns (loss, metrics)."""
-  target, targets, weight_norm = _frozen_targets(spec, g, params, frozen, x, feats, outputs)
-  part_size = frozen["stacks"][0]["index"].shape[-1]
+  target, targets, weight_norm = _frozen_targets(spec, params, group, x, feats, outputs)
+  part_size = group[0].index.shape[-1]
   amb = ambiguity.get(spec.ambiguity)(target[..., :part_size])  # [K, B]
   correct = None if labels is None else (
       jnp.argmax(target[..., :part_size], axis=-1) == labels[None])  # [K, B]
@@ -172,6 +187,22 @@ def _group_loss(spec: Amalgamation, g: int, params, frozen, x, logits, feats, ke
   return loss, metrics
 
 
+# The per-group metrics with one entry per frozen network of the group ([K]).
+VECTOR_METRICS = ("selected_fraction", "ambiguity")
+
+
+def metric_name(g: int, name: str) -> str:
+  """The name of group g's metric `name`: the one place metric names are built."""
+  return f"{g}/{name}"
+
+
+def metric_labels(networks_per_group) -> dict[str, tuple[str, ...]]:
+  """{metric name: its entries' names} for the vector metrics of groups whose frozen
+  networks bear these names (what a stage's `labels` and the metric log read)."""
+  return {metric_name(g, metric): tuple(names) for g, names in enumerate(networks_per_group)
+          for metric in VECTOR_METRICS}
+
+
 def amalgamation_loss(spec: Amalgamation, params, batch_stats, frozen, batch):
   """The loss of one step: a pure function, for `jax.value_and_grad` in any loop.
 
@@ -180,15 +211,12 @@ def amalgamation_loss(spec: Amalgamation, params, batch_stats, frozen, batch):
     params: {'net': the trained network's params, 'groups': {str(g): its bridges and
       logit scales}}, as `init` makes them.
     batch_stats: the trained network's batch statistics.
-    frozen: {'groups': {str(g): {'stacks': [{'nets': stacked variables [K_s, ...],
-      'index': [K_s, P] logit positions of the part in each network, 'outside':
-      [K_s, C_s] bool, the classes of the head that holds the part, but the part's
-      (read where spec.rest)}, one per stack]}}}.
+    frozen: per group (head), its FrozenStacks: ((FrozenStack, ...), ...).
     batch: {'image': [B, H, W, C]}, plus 'key' ([B, 2] raw PRNG key data, one per
       image) for the random rule and 'label' ([B, G]: each image's position in head g's part, -1 outside
       it) for the oracle rule (no other stage-1 or stage-2 batch carries labels);
       plus 'frozen' where the frozen networks' outputs on these images were computed
-      before the stage ({str(g): [Outputs [B, K_s, ...] per stack]}): then they do
+      before the stage (per group, per stack, Outputs [B, K_s, ...]): then they do
       not run.
   Returns:
     (loss [], (metrics {'g/name': per-group values}, new batch_stats)).
@@ -199,12 +227,12 @@ def amalgamation_loss(spec: Amalgamation, params, batch_stats, frozen, batch):
   total, metrics = 0.0, {}
   for g, logits in enumerate(joint.split_heads(net.logits, spec.head_sizes)):
     loss, group_metrics = _group_loss(
-        spec, g, params["groups"][str(g)], frozen["groups"][str(g)], x, logits, net.feats,
+        spec, params["groups"][str(g)], frozen[g], x, logits, net.feats,
         None if keys is None else jax.vmap(jax.random.fold_in, (0, None))(keys, g),
         batch["label"][:, g] if "label" in batch else None,
-        batch["frozen"][str(g)] if "frozen" in batch else None)
+        batch["frozen"][g] if "frozen" in batch else None)
     total = total + loss
-    metrics.update({f"{g}/{name}": value for name, value in group_metrics.items()})
+    metrics.update({metric_name(g, name): value for name, value in group_metrics.items()})
   return total, (metrics, batch_stats)
 
 
@@ -227,8 +255,8 @@ def init(spec: Amalgamation, key, frozen_shapes, x) -> dict:
   Args:
     spec: the stage.
     key: a PRNG key.
-    frozen_shapes: the structure of `frozen` (see `amalgamation_loss`); shapes
-      suffice: `jax.eval_shape` reads the frozen networks' taps.
+    frozen_shapes: `frozen` (see `amalgamation_loss`); shapes suffice
+      (`shapes_of`): `jax.eval_shape` reads the frozen networks' taps.
     x: an example batch [1, H, W, C].
   Returns:
     {'params': {'net', 'groups'}, 'batch_stats'}.
@@ -237,13 +265,13 @@ def init(spec: Amalgamation, key, frozen_shapes, x) -> dict:
   variables = spec.net.init(k_net, x, train=False)
   net_taps = tap_shapes(spec.net, variables, x)
   groups = {}
-  for g, k_group in enumerate(jax.random.split(k_groups, len(spec.head_sizes))):
-    stacks = frozen_shapes["groups"][str(g)]["stacks"]
+  for g, (k_group, stacks) in enumerate(zip(jax.random.split(k_groups, len(spec.head_sizes)),
+                                            frozen_shapes)):
     counts, in_widths = [], []
-    for module, stack in zip(spec.frozen_nets[g], stacks):
-      counts.append(jax.tree.leaves(stack["nets"])[0].shape[0])
-      one = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), stack["nets"])
-      taps = tap_shapes(module, one, x)
+    for stack in stacks:
+      counts.append(jax.tree.leaves(stack.nets)[0].shape[0])
+      one = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), stack.nets)
+      taps = tap_shapes(stack.module, one, x)
       if len(taps) != len(net_taps):
         raise ValueError(
             f"Head {g}'s frozen networks have {len(taps)} feature taps and the network "
@@ -271,64 +299,53 @@ def settings(cfg: ml_collections.ConfigDict) -> dict:
               logit_loss=cfg.logit_loss, kd_temperature=cfg.kd_temperature, rest=cfg.rest)
 
 
-def group_frozen(plan: tasks.AmalgamationPlan, pool: list[TeacherStack], group: tasks.Group):
-  """A group's teachers as a group of `frozen`: their architectures, one per stack,
-  and {'stacks': [{'nets', 'index', 'outside'}]}."""
+def group_frozen(plan: tasks.AmalgamationPlan, pool: list[TeacherStack],
+                 group: tasks.Group) -> tuple[FrozenStack, ...]:
+  """A group's teachers as the group's FrozenStacks, one per stack of the pool."""
   subs = sub_stacks(pool, group.teachers)
   ends = np.cumsum([len(s.names) for s in subs])[:-1]
-  stacks = [{"nets": s.variables, "index": index,
-             "outside": np.stack([plan.label_spaces[n].outside(group.part.classes)
-                                  for n in s.names])}
-            for s, index in zip(subs, np.split(group.index, ends))]
-  return tuple(s.module for s in subs), {"stacks": stacks}
+  return tuple(FrozenStack(s.module, s.variables, index, np.stack(
+      [plan.label_spaces[n].outside(group.part.classes) for n in s.names]))
+               for s, index in zip(subs, np.split(group.index, ends)))
 
 
-def component_frozen(module: nn.Module, variables, part_size: int):
-  """A component as a group of `frozen` (K = 1): its part's logits first, and after
-  them its rest logit where it learned one."""
-  return (module,), {"stacks": [{
-      "nets": stack_variables([variables]),
-      "index": np.arange(part_size, dtype=np.int32)[None],
-      "outside": (np.arange(module.num_outputs) >= part_size)[None]}]}
+def component_frozen(module: nn.Module, variables, part_size: int) -> tuple[FrozenStack]:
+  """A component as a group of one FrozenStack (K = 1): its part's logits first, and
+  after them its rest logit where it learned one."""
+  return (FrozenStack(module, stack_variables([variables]),
+                      np.arange(part_size, dtype=np.int32)[None],
+                      (np.arange(module.num_outputs) >= part_size)[None]),)
 
 
-def _outputs_once(frozen_nets, frozen, examples: Examples, batch_size: int,
-                  cache_mb: float) -> dict | None:
+def _outputs_once(frozen, examples: Examples, batch_size: int, cache_mb: float):
   """The frozen networks' outputs on every image of `examples`, computed once for a
-  stage: {str(g): [Outputs of [N, K_s, ...] host arrays, one per stack]}. Only where
-  every epoch shows the same images (no augmentation) and the outputs fit in
-  `cache_mb`; else None, and each step runs the frozen networks."""
-  stacks = [(str(g), module, stack) for g, modules in enumerate(frozen_nets)
-            for module, stack in zip(modules, frozen["groups"][str(g)]["stacks"])]
+  stage: per group, per stack, Outputs of [N, K_s, ...] host arrays. Only where every
+  epoch shows the same images (no augmentation) and the outputs fit in `cache_mb`;
+  else None, and each step runs the frozen networks."""
   x = examples.example()
-  shapes = lambda module, nets: jax.eval_shape(
-      lambda v: stacked_apply(module, v, x, in_step=False), nets)
-  per_image = sum(a.size * a.dtype.itemsize for _, module, stack in stacks
-                  for a in jax.tree.leaves(shapes(module, stack["nets"])))
+  shapes = lambda stack: jax.eval_shape(
+      lambda v: stacked_apply(stack.module, v, x, in_step=False), stack.nets)
+  per_image = sum(a.size * a.dtype.itemsize for group in frozen for stack in group
+                  for a in jax.tree.leaves(shapes(stack)))
   megabytes = per_image * len(examples.indices) / 2**20
   if examples.augments or megabytes > cache_mb:
     return None
   logging.info("Computing the frozen networks' outputs once: %.0f MB.", megabytes)
   read = lambda at: examples.read(examples.indices[at], None, 0)
-  outputs = {}
-  for g, module, stack in stacks:
-    outputs.setdefault(g, []).append(evaluate.predict(
-        module, stack["nets"], read, len(examples.indices), batch_size, stacked=True,
-        feats=True))
-  return outputs
+  return tuple(tuple(evaluate.predict(stack.module, stack.nets, read, len(examples.indices),
+                                      batch_size, stacked=True, feats=True)
+                     for stack in group) for group in frozen)
 
 
-def batches(name: str, frozen_nets, frozen, examples: Examples, batch_size: int,
-            rule: ambiguity.Rule, *, seed: int, eval_batch_size: int,
-            frozen_output_cache_mb: float):
-  """step -> the batch of a stage that learns from frozen networks (`frozen`, their
-  architectures `frozen_nets` per group) on `examples`: 'image'; 'frozen', the
-  frozen networks' outputs, where they are computed once for the stage
-  (`_outputs_once`: {str(g): [Outputs [B, K_s, ...] per stack]}); a PRNG key per
-  image ('key', [B, 2]) and the images' positions in the network's parts ('label',
-  [B, G]) where the selection `rule` needs them."""
-  cached = functools.cache(lambda: _outputs_once(frozen_nets, frozen, examples,
-                                                 eval_batch_size, frozen_output_cache_mb))
+def batches(name: str, frozen, examples: Examples, batch_size: int, rule: ambiguity.Rule, *,
+            seed: int, eval_batch_size: int, frozen_output_cache_mb: float):
+  """step -> the batch of a stage that learns from `frozen` networks on `examples`:
+  'image'; 'frozen', the frozen networks' outputs, where they are computed once for
+  the stage (`_outputs_once`); a PRNG key per image ('key', [B, 2]) and the images'
+  positions in the network's parts ('label', [B, G]) where the selection `rule`
+  needs them."""
+  cached = functools.cache(lambda: _outputs_once(frozen, examples, eval_batch_size,
+                                                 frozen_output_cache_mb))
 
   def batch(step):
     rows = examples.rows(batch_size, seed, name, step)
@@ -359,7 +376,7 @@ def stage(name: str, spec: Amalgamation, frozen, examples: Examples,
   [N, G] positions in the network's parts, read by the oracle rule only; see
   `batches`), by `cfg` (a config section: steps, batch_size, optimizer); `labels`
   names the entries of its per-group metrics."""
-  batch = batches(name, spec.frozen_nets, frozen, examples, cfg.batch_size,
+  batch = batches(name, frozen, examples, cfg.batch_size,
                   ambiguity.RULES[spec.selection], seed=seed, eval_batch_size=eval_batch_size,
                   frozen_output_cache_mb=frozen_output_cache_mb)
   shapes, x = shapes_of(frozen), examples.example()
@@ -374,11 +391,9 @@ def stage1(name: str, plan: tasks.AmalgamationPlan, pool: list[TeacherStack],
            examples: Examples, **how) -> train.Stage:
   """A component `net` (one head) from its group's teachers, by the method's
   settings and training section `method` (config.stage1); `how`: see `stage`."""
-  modules, frozen = group_frozen(plan, pool, group)
-  spec = Amalgamation(net=net, frozen_nets=(modules,), head_sizes=(net.num_outputs,),
-                      **settings(method))
-  return stage(name, spec, {"groups": {"0": frozen}}, examples, method,
-               {"0": group.teachers}, **how)
+  spec = Amalgamation(net=net, head_sizes=(net.num_outputs,), **settings(method))
+  return stage(name, spec, (group_frozen(plan, pool, group),), examples, method,
+               metric_labels([group.teachers]), **how)
 
 
 def single_stage(name: str, plan: tasks.AmalgamationPlan, pool: list[TeacherStack],
@@ -386,12 +401,10 @@ def single_stage(name: str, plan: tasks.AmalgamationPlan, pool: list[TeacherStac
                  cfg: ml_collections.ConfigDict, examples: Examples, **how) -> train.Stage:
   """The student `net` (a head per group) from every group's teachers directly, by the
   method's settings (config.stage1) and training section `cfg` (config.stage2)."""
-  modules, frozen = zip(*(group_frozen(plan, pool, group) for group in plan.groups))
-  spec = Amalgamation(net=net, frozen_nets=modules, head_sizes=tuple(head_sizes),
-                      **settings(method))
-  return stage(name, spec, {"groups": {str(g): f for g, f in enumerate(frozen)}},
-               examples, cfg, {str(g): group.teachers for g, group in enumerate(plan.groups)},
-               **how)
+  spec = Amalgamation(net=net, head_sizes=tuple(head_sizes), **settings(method))
+  frozen = tuple(group_frozen(plan, pool, group) for group in plan.groups)
+  return stage(name, spec, frozen, examples, cfg,
+               metric_labels([group.teachers for group in plan.groups]), **how)
 
 
 def stage2(name: str, parts, components: list[tuple[nn.Module, dict]], net: nn.Module,
@@ -400,12 +413,11 @@ def stage2(name: str, parts, components: list[tuple[nn.Module, dict]], net: nn.M
   """The student `net` from the components ((module, variables), one per part):
   head g regresses component g's logits (and rest, by `method.rest`) and features on
   every image, no selection, no bridges on the components' side."""
-  frozen_nets, groups = zip(*(component_frozen(module, variables, len(part.classes))
-                              for (module, variables), part in zip(components, parts)))
-  x = examples.example()
+  frozen = tuple(component_frozen(module, variables, len(part.classes))
+                 for (module, variables), part in zip(components, parts))
   spec = Amalgamation(**dict(
-      settings(method), net=net, frozen_nets=frozen_nets, head_sizes=tuple(head_sizes),
-      bridge_widths=models.tap_widths(frozen_nets[0][0], x), frozen_bridges=False,
-      selection="least", feature_weight=1.0, logit_loss="mse"))
-  return stage(name, spec, {"groups": {str(g): f for g, f in enumerate(groups)}},
-               examples, cfg, {str(g): (part.name,) for g, part in enumerate(parts)}, **how)
+      settings(method), net=net, head_sizes=tuple(head_sizes),
+      bridge_widths=models.tap_widths(components[0][0], examples.example()),
+      frozen_bridges=False, selection="least", feature_weight=1.0, logit_loss="mse"))
+  return stage(name, spec, frozen, examples, cfg,
+               metric_labels([(part.name,) for part in parts]), **how)

@@ -42,7 +42,6 @@ SIGMAS = (0.001, 0.01, 0.05, 0.1, 0.2, 1.0, 2.0)  # the RBF kernels' widths
 class CFL:
   """What the stage trains and how (static, hashable)."""
   net: nn.Module  # the student
-  frozen_nets: tuple[tuple[nn.Module, ...], ...]  # per group, each stack's architecture
   head_sizes: tuple[int, ...]  # the student's heads, one per group
   width: int  # C, the common space's channels
   kd_weight: float = 1.0
@@ -122,12 +121,11 @@ def cfl_loss(spec: CFL, params, batch_stats, frozen, batch):
   h_s = extract(_Adapter(spec.width).apply({"params": common["student"]}, student_map))
   kd, discrepancy, reconstruction = 0.0, 0.0, 0.0
   for g, logits in enumerate(joint.split_heads(net.logits, spec.head_sizes)):
-    group = frozen["groups"][str(g)]
     probabilities = []
-    for s, (module, stack) in enumerate(zip(spec.frozen_nets[g], group["stacks"])):
-      out = amalgamate.frozen_outputs(module, stack, x, batch["frozen"][str(g)][s]
+    for s, stack in enumerate(frozen[g]):
+      out = amalgamate.frozen_outputs(stack, x, batch["frozen"][g][s]
                                       if "frozen" in batch else None)
-      probabilities.append(_part_probabilities(out.logits, stack["index"], spec.temperature))
+      probabilities.append(_part_probabilities(out.logits, stack.index, spec.temperature))
       (maps,) = amalgamate.resized((out.feats[-1],), (student_map,))  # [K_s, B, H, W, D_t]
       blocks = common["groups"][str(g)][s]
 
@@ -159,14 +157,13 @@ def init(spec: CFL, key, frozen_shapes, x) -> dict:
   common = {"student": _Adapter(spec.width).init(k_student, zeros(student_width))["params"],
             "extractor": Common(spec.width).init(k_extractor, zeros(spec.width))["params"],
             "groups": {}}
-  for g, k_group in enumerate(jax.random.split(k_groups, len(spec.head_sizes))):
-    stacks = frozen_shapes["groups"][str(g)]["stacks"]
+  for g, (k_group, stacks) in enumerate(zip(jax.random.split(k_groups, len(spec.head_sizes)),
+                                            frozen_shapes)):
     common["groups"][str(g)] = []
-    for (module, stack), k_stack in zip(zip(spec.frozen_nets[g], stacks),
-                                        jax.random.split(k_group, len(stacks))):
-      one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stack["nets"])
-      width = amalgamate.tap_shapes(module, one, x)[-1][-1]
-      keys = jax.random.split(k_stack, 2 * len(stack["index"])).reshape(2, -1)
+    for stack, k_stack in zip(stacks, jax.random.split(k_group, len(stacks))):
+      one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stack.nets)
+      width = amalgamate.tap_shapes(stack.module, one, x)[-1][-1]
+      keys = jax.random.split(k_stack, 2 * len(stack.index)).reshape(2, -1)
       common["groups"][str(g)].append({
           "adapters": jax.vmap(lambda k: _Adapter(spec.width).init(k, zeros(width))["params"])(keys[0]),
           "decoders": jax.vmap(lambda k: _Decoder(spec.width, width).init(
@@ -181,11 +178,10 @@ def stage(name: str, plan: tasks.AmalgamationPlan, pool: list[TeacherStack], net
   """The stage training the student `net` (a head per group) from every group's
   teachers by `cfl_loss`, by `cfg` (a config section: steps, batch_size, optimizer;
   the common space's blocks learn at its bridge_learning_rate)."""
-  modules, groups = zip(*(amalgamate.group_frozen(plan, pool, group) for group in plan.groups))
+  frozen = tuple(amalgamate.group_frozen(plan, pool, group) for group in plan.groups)
   x = examples.example()
-  spec = CFL(net, modules, tuple(head_sizes), width=max(1, models.tap_widths(net, x)[-1] // 4))
-  frozen = {"groups": {str(g): f for g, f in enumerate(groups)}}
-  batches = amalgamate.batches(name, modules, frozen, examples, cfg.batch_size,
+  spec = CFL(net, tuple(head_sizes), width=max(1, models.tap_widths(net, x)[-1] // 4))
+  batches = amalgamate.batches(name, frozen, examples, cfg.batch_size,
                                ambiguity.RULES["none"], seed=seed,
                                eval_batch_size=eval_batch_size,
                                frozen_output_cache_mb=frozen_output_cache_mb)

@@ -30,7 +30,7 @@ def _teacher_stack(tiny, confidences, arch="", width_scale=None):
 
 
 def _state(spec, frozen, optimizer, seed=7):
-  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), frozen)
+  shapes = amalgamate.shapes_of(frozen)
   return jax.jit(lambda: train.create_state(
       amalgamate.init(spec, jax.random.key(seed, impl="rbg"), shapes, IMAGES[:1]),
       optimizer, 6))()
@@ -42,12 +42,11 @@ def _stage1(tiny, *stacks, **overrides):
   spec = amalgamate.Amalgamation(
       net=models.create(tiny.models.teacher, 3, tiny.models.teacher_width_scale,
                         axis_name=train.AXIS),
-      frozen_nets=(tuple(module for module, _ in stacks),), head_sizes=(3,),
+      head_sizes=(3,),
       bridge_widths=tuple(tiny.stage1.bridge_widths), **overrides)
-  frozen = {"groups": {"0": {"stacks": [
-      {"nets": nets, "index": np.tile(np.arange(3, dtype=np.int32),
-                                      (len(jax.tree.leaves(nets)[0]), 1))}
-      for _, nets in stacks]}}}
+  frozen = (tuple(amalgamate.FrozenStack(module, nets, np.tile(
+      np.arange(3, dtype=np.int32), (len(jax.tree.leaves(nets)[0]), 1)))
+      for module, nets in stacks),)
   return spec, frozen, _state(spec, frozen, tiny.stage1.optimizer)
 
 
@@ -100,17 +99,17 @@ def test_outputs_computed_before_the_stage_give_the_same_step(stage1):
   networks' outputs once (evaluate.predict) and the step reads them from the batch
   instead of running the networks: same step."""
   spec, frozen, state = stage1
-  stack = frozen["groups"]["0"]["stacks"][0]
-  outputs = evaluate.predict(spec.frozen_nets[0][0], stack["nets"], lambda at: IMAGES[at],
+  stack = frozen[0][0]
+  outputs = evaluate.predict(stack.module, stack.nets, lambda at: IMAGES[at],
                              BATCH, BATCH, stacked=True, feats=True)  # [B, K, ...]
   devices = jax.local_devices()
   ran = _run(_step(spec), state, frozen, IMAGES, devices)
-  read = _run(_step(spec), state, frozen, IMAGES, devices, frozen={"0": [outputs]})
+  read = _run(_step(spec), state, frozen, IMAGES, devices, frozen=((outputs,),))
   chex.assert_trees_all_close(read, ran, atol=1e-6, rtol=1e-5)
   # The step reads them: uniform logits in place of the sure teacher's make both
   # teachers maximally ambiguous.
   uniform = outputs._replace(logits=np.zeros_like(outputs.logits))
-  _, metrics = _run(_step(spec), state, frozen, IMAGES, devices, frozen={"0": [uniform]})
+  _, metrics = _run(_step(spec), state, frozen, IMAGES, devices, frozen=((uniform,),))
   np.testing.assert_allclose(metrics["0/ambiguity"], [np.log(3)] * 2, rtol=1e-5)
 
 
@@ -181,8 +180,7 @@ def test_oracle_follows_the_labels(stage1):
   # Teacher 1 is uniform (argmax 0 everywhere): label 0 makes it right; where teacher
   # 0 is right as well, the less ambiguous teacher 0 wins.
   teacher0 = jax.device_get(teachers.stacked_apply(
-      spec.frozen_nets[0][0],
-      jax.tree.map(lambda a: a[:1], frozen["groups"]["0"]["stacks"][0]["nets"]),
+      frozen[0][0].module, jax.tree.map(lambda a: a[:1], frozen[0][0].nets),
       IMAGES, in_step=False).logits[0, :, :3].argmax(-1))
   labels = np.zeros((BATCH, 1), np.int32)  # [B, G]: position in the one part
   _, metrics = _run(_step(spec), state, frozen, IMAGES, jax.local_devices(), label=labels)
@@ -231,12 +229,11 @@ def _stage2(tiny):
   spec = amalgamate.Amalgamation(
       net=models.create(tiny.models.student, 5, tiny.models.student_width_scale,
                         axis_name=train.AXIS),
-      frozen_nets=tuple((c,) for c in components), head_sizes=(3, 2),
+      head_sizes=(3, 2),
       bridge_widths=components[0].widths, frozen_bridges=False)
-  frozen = {"groups": {str(g): {"stacks": [{
-      "nets": teachers.stack_variables([c.init(jax.random.key(g, impl="rbg"), IMAGES[:1])]),
-      "index": np.arange(c.num_outputs, dtype=np.int32)[None]}]}
-      for g, c in enumerate(components)}}
+  frozen = tuple((amalgamate.FrozenStack(
+      c, teachers.stack_variables([c.init(jax.random.key(g, impl="rbg"), IMAGES[:1])]),
+      np.arange(c.num_outputs, dtype=np.int32)[None]),) for g, c in enumerate(components))
   return spec, frozen, _state(spec, frozen, tiny.stage2.optimizer, seed=3)
 
 
@@ -284,12 +281,11 @@ def test_a_component_learns_the_groups_agreed_rest_logit(tiny):
   spec = amalgamate.Amalgamation(
       net=models.create(tiny.models.teacher, 4, tiny.models.teacher_width_scale,
                         axis_name=train.AXIS),
-      frozen_nets=((module,),), head_sizes=(4,),
+      head_sizes=(4,),
       bridge_widths=tuple(tiny.stage1.bridge_widths), rest="mean")
   index = np.tile(np.arange(3, dtype=np.int32), (2, 1))
   outside = np.tile(np.array([False, False, False, True]), (2, 1))
-  frozen = {"groups": {"0": {"stacks": [{"nets": nets, "index": index,
-                                         "outside": outside}]}}}
+  frozen = ((amalgamate.FrozenStack(module, nets, index, outside),),)
   state = _state(spec, frozen, tiny.stage1.optimizer)
   _, (metrics, _) = jax.device_get(_loss(spec, state, frozen))
 

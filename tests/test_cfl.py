@@ -32,10 +32,9 @@ def test_the_loss_terms_are_those_computed_by_hand(tiny):
   nets = teachers.stack_variables([jax.jit(module.init)(jax.random.key(k, impl="rbg"),
                                                         IMAGES[:1]) for k in (1, 2)])
   pool = [teachers.TeacherStack(("a", "b"), module, nets)]
-  modules, group = amalgamate.group_frozen(plan, pool, plan.groups[0])
+  frozen = (amalgamate.group_frozen(plan, pool, plan.groups[0]),)
   student = models.create(tiny.models.student, 3, tiny.models.student_width_scale)
-  spec = cfl.CFL(student, (modules,), (3,), width=4)
-  frozen = {"groups": {"0": group}}
+  spec = cfl.CFL(student, (3,), width=4)
   variables = cfl.init(spec, jax.random.key(0, impl="rbg"), amalgamate.shapes_of(frozen),
                        IMAGES[:1])
   loss, (metrics, _) = jax.jit(lambda v: cfl.cfl_loss(

@@ -224,7 +224,7 @@ def test_metric_log_writes_tensorboard_events_that_tensorboards_protos_read(tmp_
   assert tensorboard.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
   log = train.MetricLog(tmp_path)
   log.write("stage1_part1", 7, {"loss": 0.5, "0/selected_fraction": np.array([0.25, 0.75])},
-            {"0": ("t1", "t2")})
+            {"0/selected_fraction": ("t1", "t2")})
   log.close()
   (events,) = (tmp_path / "tensorboard").iterdir()
   first, *scalars = [event_pb2.Event.FromString(r) for r in _records(events)]

@@ -26,8 +26,8 @@ class MetricLog:
   """Metric means per stage and step, to TensorBoard event files and to
   metrics.jsonl, which the report's plots read.
 
-  A vector metric ([K], one entry per teacher or component) named 'prefix/name' is
-  written per entry, under the names `labels[prefix]`.
+  A vector metric ([K], one entry per teacher or component) is written per entry,
+  under the names `labels[its name]`.
   """
 
   def __init__(self, workdir: Path):
@@ -54,7 +54,7 @@ class MetricLog:
         record[key] = float(value)
         self.tensorboard.add_scalar(f"{stage}/{key}", record[key], step)
       else:
-        record[key] = dict(zip(labels[key.rpartition("/")[0]], map(float, value)))
+        record[key] = dict(zip(labels[key], map(float, value)))
         for label, v in record[key].items():
           self.tensorboard.add_scalar(f"{stage}/{key}/{label}", v, step)
     self.tensorboard.flush()
