@@ -128,7 +128,7 @@ def test_a_refused_config_leaves_the_workdir_untouched(tiny, tmp_path):
 # images (random: a key; oracle: labels) or whose weights are checked below (none);
 # the other rules differ only in the weights, tested by hand in test_ambiguity.py.
 PIPELINE_VARIANTS = ["least-entropy", "paper", "none", "random", "oracle", "single-stage",
-                     "kd-logits", "ensemble", "supervised"]
+                     "kd-logits", "cfl", "ensemble", "supervised"]
 
 
 @pytest.mark.slow  # 2.4 min on 2 cores; benchmarks/variants.py runs them all too
