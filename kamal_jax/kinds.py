@@ -62,10 +62,11 @@ def _component_arch(config: ml_collections.ConfigDict, group: tasks.Group):
   return models.teacher(config.models, len(group.part.classes) + (config.stage1.rest != "none"))
 
 
-def _student_heads(run: "Run", rest: bool) -> tuple[int, ...]:
-  """The student's head widths: one output per class of each part, and one more for
-  the rest logit where it amalgamates networks that carry it (stage1.rest)."""
-  rest = rest and run.config.stage1.rest != "none"
+def _student_heads(run: "Run") -> tuple[int, ...]:
+  """The amalgamated student's head widths: one output per class of each part, and
+  one more for the rest logit where it learns from networks that carry it
+  (stage1.rest)."""
+  rest = run.config.stage1.rest != "none"
   return tuple(size + rest for size in run.plan.head_sizes)
 
 
@@ -90,7 +91,7 @@ def _student_examples(run: "Run") -> Examples:
 
 def _student_from_components(run: "Run", networks: Networks) -> Networks:
   """Stage 2: head g regresses component g on every image, no selection."""
-  heads = _student_heads(run, rest=True)
+  heads = _student_heads(run)
   net = models.student(run.config.models, sum(heads))
   stage = amalgamate.stage2("stage2", run.plan.parts,
                             [(c.module, c.variables) for c in networks.components], net,
@@ -101,7 +102,7 @@ def _student_from_components(run: "Run", networks: Networks) -> Networks:
 
 def _student_from_teachers(run: "Run", networks: Networks) -> Networks:
   """The single stage: the student from every group's teachers, selecting per sample."""
-  heads = _student_heads(run, rest=True)
+  heads = _student_heads(run)
   net = models.student(run.config.models, sum(heads))
   stage = amalgamate.single_stage("stage2", run.plan, networks.teachers, net, heads,
                                   run.config.stage1, run.config.stage2,
@@ -118,7 +119,7 @@ def _student_from_labels(run: "Run", networks: Networks) -> Networks:
   net = models.student(run.config.models, sum(plan.head_sizes))
   student = _from_labels(run, "stage2/student", "stage2", net, space, None, run.config.stage2)
   return dataclasses.replace(networks, student=dataclasses.replace(
-      student, head_sizes=_student_heads(run, rest=False)))
+      student, head_sizes=plan.head_sizes))  # scored per part
 
 
 PIPELINES = {
