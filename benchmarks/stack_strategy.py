@@ -63,7 +63,7 @@ def main():
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--record", action="store_true")
   args = parser.parse_args()
-  # bn_axis_name=None: these programs run outside pmap.
+  # bn_axis_name=None: these programs run outside the data-parallel step.
   module = models.create(args.arch, 10)
   rng = np.random.default_rng(0)
   command = " ".join(["python benchmarks/stack_strategy.py", *sys.argv[1:]]).replace(
