@@ -51,7 +51,7 @@ from kamal_jax.teachers import (TeacherStack, map_stacked, stack_variables, stac
 __all__ = ["Amalgamation", "amalgamation_loss", "batches", "component_frozen",
            "FrozenStack", "frozen_outputs", "group_frozen", "init", "LOGIT_LOSSES",
            "metric_labels", "metric_name", "resized", "settings", "shapes_of", "single_stage",
-           "stage", "stage1", "stage2", "tap_shapes", "VECTOR_METRICS"]
+           "stack_tap_shapes", "stage", "stage1", "stage2", "tap_shapes", "VECTOR_METRICS"]
 
 
 @flax.struct.dataclass
@@ -236,6 +236,13 @@ def amalgamation_loss(spec: Amalgamation, params, batch_stats, frozen, batch):
   return total, (metrics, batch_stats)
 
 
+def stack_tap_shapes(stack: FrozenStack, x) -> tuple:
+  """The shapes of each feature tap of one network of the stack on x (its variables'
+  shapes suffice)."""
+  one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stack.nets)
+  return tap_shapes(stack.module, one, x)
+
+
 def tap_shapes(module: nn.Module, variables, x) -> tuple:
   """The shapes of each feature tap of `module` with `variables` (shapes suffice) on x."""
   return tuple(f.shape for f in jax.eval_shape(
@@ -270,8 +277,7 @@ def init(spec: Amalgamation, key, frozen_shapes, x) -> dict:
     counts, in_widths = [], []
     for stack in stacks:
       counts.append(jax.tree.leaves(stack.nets)[0].shape[0])
-      one = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), stack.nets)
-      taps = tap_shapes(stack.module, one, x)
+      taps = stack_tap_shapes(stack, x)
       if len(taps) != len(net_taps):
         raise ValueError(
             f"Head {g}'s frozen networks have {len(taps)} feature taps and the network "

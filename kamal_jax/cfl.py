@@ -161,8 +161,7 @@ def init(spec: CFL, key, frozen_shapes, x) -> dict:
                                             frozen_shapes)):
     common["groups"][str(g)] = []
     for stack, k_stack in zip(stacks, jax.random.split(k_group, len(stacks))):
-      one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stack.nets)
-      width = amalgamate.tap_shapes(stack.module, one, x)[-1][-1]
+      width = amalgamate.stack_tap_shapes(stack, x)[-1][-1]
       keys = jax.random.split(k_stack, 2 * len(stack.index)).reshape(2, -1)
       common["groups"][str(g)].append({
           "adapters": jax.vmap(lambda k: _Adapter(spec.width).init(k, zeros(width))["params"])(keys[0]),
