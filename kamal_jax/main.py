@@ -17,6 +17,7 @@ traceback instead. Nothing in the workdir is touched before the input has passed
 its checks.
 """
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -69,12 +70,18 @@ class BadInput(Exception):
 
 
 def _override_error(argv: list[str], error: Exception) -> str:
-  """A one-line message for an override of a field the config does not have."""
-  field = str(error).strip("\"'")
+  """A one-line message for an override of a field the config does not have, at any
+  depth (ml_collections raises AttributeError or KeyError, naming the missing key and
+  perhaps the field it resembles)."""
+  text = str(error)
+  field = re.search(r"\w+", text).group()
   named = [a.split("=")[0] for a in argv
-           if a.startswith("--config.") and a.split("=")[0].split(".")[-1] == field]
+           if a.startswith("--config.") and field in a.split("=")[0].split(".")[1:]]
   where = named[0] if named else f"--config...{field}"
-  return f"{where}: the config has no field {field!r}: check the name against the config file."
+  similar = re.search(r'Did you mean "(\w+)"', text)
+  fix = (f"did you mean {similar.group(1)!r}?" if similar
+         else "check the name against the config file.")
+  return f"{where}: the config has no field {field!r}: {fix}"
 
 
 def _parse(argv: list[str]) -> flags.FlagValues:
@@ -89,7 +96,7 @@ def _parse(argv: list[str]) -> flags.FlagValues:
       raise BadInput(f"--config={path}: no such file: give the path of a config file "
                      "with get_config() (e.g. configs/digits.py).")
     values.config  # pylint: disable=pointless-statement  # loads the file and overrides
-  except AttributeError as error:  # ml_collections: an override of an unknown field
+  except (AttributeError, KeyError) as error:  # ml_collections: an unknown field
     raise BadInput(_override_error(argv, error)) from error
   except flags.Error as error:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
