@@ -38,7 +38,8 @@ def imported(name: str, path: str, space: tasks.LabelSpace, dtype: str) -> Teach
   try:
     module, variables = torch_resnet.load(path, dtype)
   except ValueError as error:
-    raise ValueError(f"Teacher {name!r}: {error}") from error
+    source = "" if path in str(error) else f" from {path}"
+    raise ValueError(f"Teacher {name!r}{source}: {error}") from error
   if module.num_outputs != space.num_outputs:
     raise ValueError(
         f"Teacher {name!r} from {path} has {module.num_outputs} logits but its label set "

@@ -60,14 +60,22 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     if isinstance(state.get(wrapper), dict):
       state = state[wrapper]
   state = {re.sub(r"^module\.", "", name): value for name, value in state.items()}
-  return {name: _as_float32(value) for name, value in state.items()
+  return {name: _as_float32(value, f"{path!r}: {name!r}") for name, value in state.items()
           if not name.endswith("num_batches_tracked")}
 
 
-def _as_float32(value) -> np.ndarray:
+def _as_float32(value, where: str) -> np.ndarray:
+  """A weight as float32; integer, boolean and empty tensors are refused (a weight
+  file of another kind, or damaged), naming `where`."""
   if type(value).__module__.startswith("torch"):  # also bfloat16, which NumPy lacks
-    value = value.detach().float().numpy()
-  return np.asarray(value, np.float32)
+    floating = value.is_floating_point()
+    value = value.detach().float().numpy() if floating else value.numpy()
+  value = np.asarray(value)
+  if not np.issubdtype(value.dtype, np.floating) or not value.size:
+    kind = "is empty" if not value.size else f"holds {value.dtype} values"
+    raise ValueError(f"{where} {kind}: a ResNet's weights are floats; give the "
+                     "checkpoint as PyTorch saved it.")
+  return value.astype(np.float32)
 
 
 def _torch_load(path: str) -> dict:
