@@ -1,7 +1,8 @@
 """The door of a run: every check that can refuse its input before anything is
-written, each naming the field and the fix (`validate`: the config alone;
-`check_workdir`: the workdir and the config it was started with;
-`check_teachers`: the teachers' label sets against the dataset)."""
+written, each naming the field and the fix (`validate`: the config alone, against
+its schema; `check_workdir`: the workdir and the config it was started with;
+`check_teachers`: the teachers' label sets against the dataset; `check_fit`: batch
+sizes against the pools and the networks' shapes against the bridges)."""
 import json
 import tempfile
 from pathlib import Path
@@ -12,62 +13,55 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from kamal_jax import ambiguity, amalgamate, data, export, joint, models
+from kamal_jax import models, schema
 
-__all__ = ["backbone", "CADENCE", "check_teachers", "check_workdir", "config_drift", "validate",
-           "workdir_for"]
+__all__ = ["backbone", "BRIDGED", "CADENCE", "check_fit", "check_teachers", "check_workdir",
+           "config_drift", "validate", "workdir_for"]
 
 
-def validate(config: ml_collections.ConfigDict, pipelines):
-  """Checks what can be checked before any data is read, naming the fix; `pipelines`:
-  the kinds config.pipeline may name."""
-  devices = jax.device_count()
-  widths = tuple(config.stage1.bridge_widths)
-  if not widths or not all(isinstance(w, int) and w > 0 for w in widths):
-    raise ValueError(f"stage1.bridge_widths={widths}: give one positive integer per "
-                     "feature tap.")
-  batch_sizes = {"eval_batch_size": config.eval_batch_size}
-  counts = {"log_every": config.log_every}
-  for stage in ("teacher_training", "stage1", "stage2"):
-    batch_sizes[f"{stage}.batch_size"] = config[stage].batch_size
-    counts[f"{stage}.steps"] = config[stage].steps
-    rates = config[stage].optimizer.get("tap_learning_rates", ())
-    if len(rates) not in (0, len(widths)):
-      raise ValueError(f"{stage}.optimizer.tap_learning_rates has {len(rates)} rates for "
-                       f"{len(widths)} feature taps: give one per tap, or none.")
-  for name, size in batch_sizes.items():
-    if size <= 0 or size % devices:
-      raise ValueError(f"{name}={size} does not split over {devices} devices: use a "
-                       f"positive multiple of {devices}.")
-  for name, count in counts.items():
-    if count <= 0:
-      raise ValueError(f"{name}={count}: give a positive number.")
-  if config.frozen_output_cache_mb < 0:
-    raise ValueError(f"frozen_output_cache_mb={config.frozen_output_cache_mb}: give a "
-                     "size in MB, or 0 to run the frozen networks in every step.")
-  choices = {"pipeline": (config.pipeline, tuple(pipelines)),
-             "data.pool": (config.data.pool, ("all", "reference")),
-             "stage1.selection": (config.stage1.selection, tuple(ambiguity.RULES)),
-             "stage1.logit_loss": (config.stage1.logit_loss, tuple(amalgamate.LOGIT_LOSSES)),
-             "stage1.rest": (config.stage1.rest, ("none",) + tuple(joint.RESTS))}
-  for name, (value, allowed) in choices.items():
-    if value not in allowed:
-      raise ValueError(f"{name}={value!r}: use one of {list(allowed)}.")
-  ambiguity.get(config.stage1.ambiguity)
-  unknown = sorted(set(config.export_graphs) - set(export.GRAPHS))
-  if unknown:
-    raise ValueError(f"export_graphs names {unknown}: use some of {list(export.GRAPHS)}.")
-  if len(config.data.mean) != len(config.data.std) or min(config.data.std, default=1) <= 0:
-    raise ValueError(f"data.mean {tuple(config.data.mean)} and data.std "
-                     f"{tuple(config.data.std)}: give one of each per channel, std > 0.")
-  if config.data.name == "folder" and not config.data.get("path"):
-    raise ValueError("data.path is empty: set --config.data.path to a folder with one "
-                     "sub-folder of images per class.")
-  for domain in list(config.data.domains) + list(config.teacher_domains.values()):
-    data.in_domain(np.zeros((1, 1, 1, 1)), domain)
+def validate(config: ml_collections.ConfigDict):
+  """Checks what the config alone shows, before any data is read: every field
+  against the schema (`schema.check`), and every model it names can be built (a
+  user's module imports)."""
+  schema.check(config, jax.device_count())
   for arch in (config.models.teacher, config.models.student,
                *config.teacher_models.values()):
     models.create(arch, 1, dtype=config.models.dtype)
+
+
+# The pipelines whose stages learn through feature bridges: one width per tap.
+BRIDGED = ("two_stage", "single_stage")
+
+
+def check_fit(config: ml_collections.ConfigDict, networks: dict, example: np.ndarray,
+              sizes: dict[str, tuple[str, int]], test_count: int):
+  """What the data and the teachers' files show, before the workdir is touched.
+
+  networks: name -> module of every network the run builds (teachers, components,
+    student); example: one input image [1, S, S, C];
+  sizes: batch-size field -> (what it draws from, how many images that holds): a
+    batch of a stage larger than its pool would fail only when the stage starts;
+  test_count: the images held out for the report.
+  """
+  if not test_count:
+    raise ValueError(f"data.test_fraction={config.data.test_fraction} holds out no test "
+                     "image: raise it (the report scores every network on them).")
+  for field, (pool, count) in sizes.items():
+    size = config
+    for name in field.split("."):
+      size = size[name]
+    if count < size:
+      raise ValueError(f"{field}={size} is more than the {count} images of {pool}: "
+                       f"lower it to at most {count}, or give more images.")
+  if config.pipeline not in BRIDGED:
+    return
+  widths = tuple(config.stage1.bridge_widths)
+  for name, module in networks.items():
+    taps = models.tap_widths(module, example)
+    if len(taps) != len(widths):
+      raise ValueError(f"stage1.bridge_widths={widths} has {len(widths)} widths, but "
+                       f"{name} ({type(module).__name__}) has {len(taps)} feature taps "
+                       f"on {example.shape[1]}x{example.shape[2]} images: give one per tap.")
 
 
 # Config fields that change how often a run logs and checkpoints, or what it exports,

@@ -18,7 +18,7 @@ from kamal_jax.networks import Network, Networks
 if TYPE_CHECKING:
   from kamal_jax.pipeline import Run
 
-__all__ = ["PIPELINES", "train_teachers"]
+__all__ = ["PIPELINES", "supervised_target", "train_teachers"]
 
 
 def _from_labels(run: "Run", name: str, step: str, module, space: tasks.LabelSpace,
@@ -110,14 +110,20 @@ def _student_from_teachers(run: "Run", networks: Networks) -> Networks:
   return dataclasses.replace(networks, student=Network(net, run.fit(stage, "stage2"), heads))
 
 
-def _student_from_labels(run: "Run", networks: Networks) -> Networks:
-  """The supervised student: one softmax over all target classes where they are
-  exclusive (one dataset head), else one per part (attributes)."""
+def supervised_target(run: "Run") -> tasks.LabelSpace:
+  """What the supervised student learns: one softmax over all target classes where
+  they are exclusive (one dataset head), else one per part (attributes)."""
   plan = run.plan
-  space = tasks.LabelSpace((tasks.Head("student", plan.target_classes),)
-                           if tasks.shared_head(run.dataset.heads, plan.parts) else plan.parts)
+  return tasks.LabelSpace((tasks.Head("student", plan.target_classes),)
+                          if tasks.shared_head(run.dataset.heads, plan.parts) else plan.parts)
+
+
+def _student_from_labels(run: "Run", networks: Networks) -> Networks:
+  """The supervised student, trained on the images labelled in `supervised_target`."""
+  plan = run.plan
   net = models.student(run.config.models, sum(plan.head_sizes))
-  student = _from_labels(run, "stage2/student", "stage2", net, space, None, run.config.stage2)
+  student = _from_labels(run, "stage2/student", "stage2", net, supervised_target(run), None,
+                         run.config.stage2)
   return dataclasses.replace(networks, student=dataclasses.replace(
       student, head_sizes=plan.head_sizes))  # scored per part
 

@@ -23,7 +23,7 @@ from absl import logging
 from kamal_jax import (compilation, data, door, evaluate, export, files, models, parallel,
                        report, tasks, teachers, train)
 from kamal_jax.examples import Examples
-from kamal_jax.kinds import PIPELINES, train_teachers
+from kamal_jax.kinds import PIPELINES, supervised_target, train_teachers
 from kamal_jax.networks import Networks
 
 __all__ = ["enable_compilation_cache", "export_workdir", "NETWORKS", "PIPELINES", "prepare",
@@ -55,7 +55,7 @@ class Run:
   plan: tasks.AmalgamationPlan
   sources: dict[str, teachers.Teacher]  # every teacher; variables None: trained here
   stacks: tuple[tuple[str, ...], ...]  # the teachers that run as one, in plan order
-  log: train.MetricLog
+  log: train.MetricLog | None  # set once the run passed the door
   train_stages: tuple[str, ...]  # the stages this invocation may train
   backbone: dict | None  # config.models.pretrained's variables, if it names a checkpoint
   trained: set = dataclasses.field(default_factory=set)  # the stages it did train
@@ -155,7 +155,7 @@ def _sources(config: ml_collections.ConfigDict, spaces: dict) -> dict[str, teach
 
 def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> Run:
   """The run behind the door: every check passed before the workdir is touched."""
-  door.validate(config, PIPELINES)
+  door.validate(config)
   door.check_workdir(config, workdir)
   first = min(STAGES.index(s) for s in train_stages) if train_stages else 0
   if first and not (workdir / "config.json").is_file():
@@ -184,12 +184,44 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> R
   else:  # the dataset's own split
     train_indices, test_indices = np.flatnonzero(~dataset.test), np.flatnonzero(dataset.test)
   domains = data.assign_domains(len(dataset.labels), tuple(config.data.domains), config.seed)
+  run = Run(config, workdir, dataset, domains, train_indices, test_indices, plan, sources,
+            tuple(stacks), None, tuple(train_stages), backbone)
+  door.check_fit(config, {**{f"teacher {n}": t.module for n, t in sources.items()},
+                          "the components": models.teacher(config.models, 1),
+                          "the student": models.student(config.models, 1)},
+                 run.images(train_indices[:1]), _pool_sizes(run), len(test_indices))
   # The workdir is touched only once the config has passed every check above.
   workdir.mkdir(parents=True, exist_ok=True)
   if parallel.primary():
     files.write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
-  return Run(config, workdir, dataset, domains, train_indices, test_indices, plan,
-             sources, tuple(stacks), train.MetricLog(workdir), tuple(train_stages), backbone)
+  run.log = train.MetricLog(workdir)
+  return run
+
+
+def _pool_sizes(run: Run) -> dict[str, tuple[str, int]]:
+  """Per batch-size field, the smallest pool the run's stages draw that batch from
+  (`door.check_fit`): each teacher trained here learns from its labelled training
+  images, each component from its part's pool, the student from the target's (or,
+  supervised, from the target's labelled images)."""
+  def labelled(heads) -> int:
+    return int(np.all(run.head_labels(run.train_indices, heads) >= 0, axis=-1).sum())
+
+  pools = [("teacher_training.batch_size", f"teacher {n}'s labelled training images",
+            labelled(t.label_space.heads)) for n, t in run.sources.items() if t.variables is None]
+  kind = run.config.pipeline
+  if kind == "two_stage":
+    pools += [("stage1.batch_size", f"part {g.part.name}'s pool", len(run.pool(g.part.classes)))
+              for g in run.plan.groups]
+  if kind == "supervised":
+    pools.append(("stage2.batch_size", "the target's labelled training images",
+                  labelled(supervised_target(run).heads)))
+  elif kind != "ensemble":
+    pools.append(("stage2.batch_size", "the student's pool",
+                  len(run.pool(run.plan.target_classes))))
+  sizes = {}
+  for field, pool, count in sorted(pools, key=lambda p: -p[2]):  # the smallest last
+    sizes[field] = (pool, count)
+  return sizes
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

@@ -22,8 +22,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["AmalgamationPlan", "attribute_head", "Group", "Head", "label_positions",
-           "label_space", "LabelSpace", "make_plan", "resolve_splits", "shared_head"]
+__all__ = ["AmalgamationPlan", "attribute_head", "Group", "Head", "is_reference",
+           "label_positions", "label_space", "LabelSpace", "make_plan", "resolve_splits",
+           "shared_head"]
 
 _SPLIT_KEYS = ("split", "part", "of", "seed")  # a split reference's, in this order
 
@@ -114,14 +115,14 @@ def resolve_splits(spec, heads: Sequence[Head], field: str):
   value in errors ('teachers.t11'). Anything else is returned as it is, for
   `label_space` and `make_plan` to judge.
   """
-  if hasattr(spec, "items") and not _is_reference(spec):  # a dict or a ConfigDict
+  if hasattr(spec, "items") and not is_reference(spec):  # a dict or a ConfigDict
     return {key: _resolve_list(value, heads, f"{field}.{key}")
             for key, value in spec.items()}
   return _resolve_list(spec, heads, field)
 
 
 def _resolve_list(classes, heads: Sequence[Head], field: str):
-  if _is_reference(classes):
+  if is_reference(classes):
     raise ValueError(f"{field} is a split reference where a list of classes belongs: "
                      f"put it in a list, ({dict(classes)},).")
   if isinstance(classes, str) or not isinstance(classes, Sequence):
@@ -131,13 +132,14 @@ def _resolve_list(classes, heads: Sequence[Head], field: str):
                             if hasattr(item, "items") else (item,)))
 
 
-def _is_reference(value) -> bool:
+def is_reference(value) -> bool:
+  """Whether a config value is a split reference (see the module docstring)."""
   return hasattr(value, "items") and set(value.keys()) == set(_SPLIT_KEYS)
 
 
 def _split_part(reference, heads: Sequence[Head], field: str) -> tuple[str, ...]:
   """The classes one split reference names, or a ValueError naming the bad key."""
-  if not _is_reference(reference):
+  if not is_reference(reference):
     raise ValueError(f"{field}={dict(reference)} is no split reference: give exactly the "
                      f"keys {_SPLIT_KEYS}, e.g. {{'split': 'cars196', 'part': 1, "
                      "'of': 4, 'seed': 0}.")

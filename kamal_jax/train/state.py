@@ -9,7 +9,7 @@ import ml_collections
 import optax
 from flax.training import train_state
 
-__all__ = ["count_params", "create_state", "make_optimizer", "param_group",
+__all__ = ["count_params", "create_state", "make_optimizer", "OPTIMIZERS", "param_group",
            "TrainState"]
 
 
@@ -37,14 +37,24 @@ def _schedule(cfg: ml_collections.ConfigDict, base_lr: float, num_steps: int):
   return optax.piecewise_constant_schedule(base_lr, boundaries)
 
 
+def _adam(cfg: ml_collections.ConfigDict, learning_rate) -> optax.GradientTransformation:
+  return (optax.adamw(learning_rate, weight_decay=cfg.weight_decay) if cfg.weight_decay
+          else optax.adam(learning_rate))
+
+
+def _sgd(cfg: ml_collections.ConfigDict, learning_rate) -> optax.GradientTransformation:
+  return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                     optax.sgd(learning_rate, momentum=cfg.momentum))
+
+
+# An optimizer's name -> (its settings, the learning rate) -> the transformation.
+OPTIMIZERS = {"adam": _adam, "sgd": _sgd}
+
+
 def _optimizer(cfg: ml_collections.ConfigDict, learning_rate) -> optax.GradientTransformation:
-  if cfg.name == "adam":
-    return optax.adamw(learning_rate, weight_decay=cfg.weight_decay) if cfg.weight_decay \
-        else optax.adam(learning_rate)
-  if cfg.name == "sgd":
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                       optax.sgd(learning_rate, momentum=cfg.momentum))
-  raise ValueError(f"Unknown optimizer {cfg.name!r}: use 'adam' or 'sgd'.")
+  if cfg.name not in OPTIMIZERS:
+    raise ValueError(f"Unknown optimizer {cfg.name!r}: use one of {sorted(OPTIMIZERS)}.")
+  return OPTIMIZERS[cfg.name](cfg, learning_rate)
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict,
