@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 
 from kamal_jax import data, main, schema
 
-CASES_PER_FIELD = 6
+CASES_PER_FIELD = 10
 SETTINGS = settings(max_examples=CASES_PER_FIELD, deadline=None, derandomize=True,
                     database=None, suppress_health_check=list(HealthCheck))
 
