@@ -81,7 +81,7 @@ class Model:
     """A file (path) or PIL image -> [S, S, C] in [0, 1], before mean and std."""
     spec = self.preprocessing
     if isinstance(image, Image.Image):
-      image = image.convert(image_io.MODES[spec.channels])
+      image = image_io.convert(image, spec.channels)
     else:
       image = image_io.decode(str(image), spec.channels)
     return image_io.eval_view(image, image_io.View(spec.size, spec.crop_fraction),

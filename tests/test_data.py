@@ -1,3 +1,5 @@
+import warnings
+
 import ml_collections
 import numpy as np
 import pytest
@@ -50,7 +52,7 @@ def test_an_image_folder_round_trips_the_digits(digits, tmp_path):
   np.testing.assert_array_equal(np.array(loaded.class_names)[loaded.labels[:, 0]],
                                 names[order])
   np.testing.assert_allclose(loaded.images.read(np.arange(40)), images[order],
-                             atol=0.5 / 255 + 1e-6)
+                             atol=1 / 255 + 1e-6)
 
 
 def test_folder_images_are_resized_and_converted(tmp_path):
@@ -64,6 +66,15 @@ def test_folder_images_are_resized_and_converted(tmp_path):
   assert images.shape == (2, 12, 12, 3)
   np.testing.assert_allclose(images[0], 200 / 255, atol=2 / 255)  # grey -> RGB
   np.testing.assert_allclose(images[1, 0, 0], [1.0, 0.0, 0.0])
+
+
+def test_folder_files_keep_path_order_and_hidden_folders_are_skipped(tmp_path):
+  for name in ["cat/a/b.png", "cat/a-b.png", "cat/.thumbs/c.png", "cat/d.png"]:
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (2, 2)).save(tmp_path / name)
+  files, _, _ = data.folder.load(tmp_path)
+  # As Paths sort, by parts ('a' < 'a-b.png'), not as strings ('-' < '/').
+  assert files == [tmp_path / "cat/a/b.png", tmp_path / "cat/a-b.png", tmp_path / "cat/d.png"]
 
 
 def _halves(width=40, height=20) -> Image.Image:
@@ -111,6 +122,92 @@ def test_bad_folders_name_the_problem(tmp_path, make, message):
   make(root)
   with pytest.raises(ValueError, match=message):
     _folder(root)
+
+
+# Each mode PIL has, and a format that writes it and reads it back as it is (None:
+# none does, so the image goes to `images.convert` from memory). The deep grey ones
+# hold known values; the others a random RGBA image in that mode.
+_DEEP = {"I;16": ("<u2", 65535), "I;16B": (">u2", 65535), "I;16L": ("<u2", 65535),
+         "I;16N": ("=u2", 65535), "I": ("=i4", 65535), "F": ("=f4", 1)}
+_MODES = [("1", "PNG"), ("L", "PNG"), ("P", "PNG"), ("PA", "TIFF"), ("LA", "PNG"),
+          ("La", None), ("RGB", "PNG"), ("RGBA", "PNG"), ("RGBa", None), ("RGBX", None),
+          ("CMYK", "TIFF"), ("YCbCr", "TIFF"), ("LAB", "TIFF"), ("HSV", None), ("I;16", "PNG"),
+          ("I;16B", "TIFF"), ("I;16L", None), ("I;16N", None), ("I", "TIFF"), ("F", "TIFF")]
+
+
+def _in_mode(mode: str) -> tuple[Image.Image, np.ndarray | None]:
+  """A 2x2 image of `mode`, and for a deep grey one its pixels in [0, 1]."""
+  if mode in _DEEP:
+    dtype, top = _DEEP[mode]
+    values = np.array([[0, top / 4], [top / 2, top]]) if mode == "F" else \
+        np.array([[0, 32768], [1000, 65535]])
+    return Image.frombytes(mode, (2, 2), values.astype(dtype).tobytes()), values / top
+  rgba = np.random.default_rng(0).integers(0, 256, (2, 2, 4), np.uint8)
+  image = Image.fromarray(rgba).convert(mode)
+  if mode == "P":  # a palette with transparency, which PIL warns about converting
+    image.info["transparency"] = bytes(range(0, 256, 16))
+  return image, None
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("mode, form", _MODES)
+def test_every_mode_is_decoded_at_its_real_range(tmp_path, mode, form, channels):
+  image, deep = _in_mode(mode)
+  if form is None:
+    decoded = lambda: data.images.convert(image, channels)
+  else:
+    image.save(tmp_path / "image", form)
+    with Image.open(tmp_path / "image") as back:
+      assert back.mode == image.mode  # the file holds the mode under test
+    decoded = lambda: data.images.decode(tmp_path / "image", channels)
+  if deep is not None:  # 32768 -> 32768 / 65535, a float 0.25 -> 0.25, in every channel
+    expected = np.repeat(deep[..., None], channels, axis=-1)
+  else:
+    try:
+      with warnings.catch_warnings():  # P with transparency: converted as PIL does, unwarned
+        warnings.simplefilter("ignore")
+        expected = np.asarray(image.convert(data.images.MODES[channels])) / 255
+    except ValueError:  # PIL cannot: LAB to L, La to either
+      with pytest.raises(ValueError, match=f"image .*: PIL cannot bring its mode {mode} to"):
+        decoded()
+      return
+  view = lambda size: data.images.eval_view(decoded(), data.images.View(size), channels)
+  np.testing.assert_allclose(view(2), expected.reshape(2, 2, channels), atol=1e-6)
+  # Resized 2x2 -> 1x1, bilinearly: the mean, at the real range too (not clipped).
+  np.testing.assert_allclose(view(1)[0, 0], expected.reshape(4, channels).mean(0),
+                             atol=1 / 255 + 1e-6)
+
+
+@pytest.mark.parametrize("limit, warnings_as_errors", [(500, False), (300, False), (500, True)])
+def test_an_image_of_more_than_max_image_pixels_is_refused_unread(
+    tmp_path, monkeypatch, limit, warnings_as_errors):
+  """28x28 = 784 pixels against a limit of 500 (PIL warns), 300 (PIL raises), and
+  500 under -W error: one line naming the file, its size and the fix; no warning."""
+  (tmp_path / "cat").mkdir()
+  Image.new("L", (28, 28)).save(tmp_path / "cat" / "big.png")
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+  monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("pixels decoded"))
+  message = r"Cannot read image .*big.png: .*784 pixels.* raise PIL.Image.MAX_IMAGE_PIXELS"
+  with warnings.catch_warnings(record=True) as caught:
+    if warnings_as_errors:
+      warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with pytest.raises(ValueError, match=message):
+      _folder(tmp_path)
+    with pytest.raises(ValueError, match=message):
+      data.images.decode(tmp_path / "cat" / "big.png", 1)
+  assert not caught
+
+
+def test_a_truncated_image_passes_the_door_and_its_batch_names_it(tmp_path):
+  (tmp_path / "cat").mkdir()
+  noise = np.random.default_rng(0).integers(0, 256, (28, 28), np.uint8)
+  Image.fromarray(noise).save(tmp_path / "cat" / "cut.png")
+  whole = (tmp_path / "cat" / "cut.png").read_bytes()
+  (tmp_path / "cat" / "cut.png").write_bytes(whole[:len(whole) // 2])
+  loaded = _folder(tmp_path)  # the header is whole
+  with pytest.raises(ValueError, match=r"Cannot read image .*cut.png: .*Remove or replace"):
+    loaded.images.read(np.array([0]))
 
 
 def test_stratified_split_is_seeded_disjoint_and_keeps_class_shares():

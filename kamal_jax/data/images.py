@@ -3,11 +3,13 @@
 A reader maps indices [B] to float32 images [B, S, S, C] in [0, 1]:
   ArrayImages    images held in memory at the input size already (the digits);
   EncodedImages  encoded images (files, tfds records) decoded per batch with PIL in a
-                 thread pool and cut by a `View`: the evaluation view (resize the
-                 shorter side to S / crop_fraction, centre crop S: 256 -> 224 at
-                 0.875) or, given a NumPy generator, the training view (random
-                 resized crop of min_scale..1 of the area, aspect 3/4..4/3, and a
-                 random horizontal flip), as torchvision's transforms do.
+                 thread pool (any mode PIL reads, at its real range: `convert`), the
+                 oversized refused (`open_image`), and cut by a `View`: the
+                 evaluation view (resize the shorter side to S / crop_fraction,
+                 centre crop S: 256 -> 224 at 0.875) or, given a NumPy generator, the
+                 training view (random resized crop of min_scale..1 of the area,
+                 aspect 3/4..4/3, and a random horizontal flip), as torchvision's
+                 transforms do.
 Every random choice comes from the generator passed in, one child per image drawn
 before any work is spread over threads, so a batch is a pure function of it.
 """
@@ -16,14 +18,15 @@ import dataclasses
 import io
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ArrayImages", "decode", "EncodedImages", "eval_view", "MODES", "THREADS",
-           "train_view", "View"]
+__all__ = ["ArrayImages", "convert", "decode", "EncodedImages", "eval_view", "MODES",
+           "open_image", "THREADS", "train_view", "View"]
 
 MODES = {1: "L", 3: "RGB"}
 THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
@@ -42,29 +45,91 @@ class View:
 
 
 # Grey images of more than 8 bits, and what brings their pixels to [0, 1] (float
-# images are taken to be in [0, 1] already); PIL's own conversion to 'L' clips them.
-_DEEP_GREY = {"I;16": 1 / 65535, "I;16B": 1 / 65535, "I;16L": 1 / 65535, "I": 1 / 65535,
-              "F": 1.0}
+# images are taken to be in [0, 1] already); PIL's own conversion to L or RGB clips
+# them (a float TIFF turns black, a 16-bit PNG to 0 and 255).
+_DEEP_GREY = {"I;16": 1 / 65535, "I;16B": 1 / 65535, "I;16L": 1 / 65535, "I;16N": 1 / 65535,
+              "I": 1 / 65535, "F": 1.0}
+
+
+def _unreadable(where: Any, error: Exception) -> ValueError:
+  return ValueError(f"Cannot read image {where}: {error}. Remove or replace it.")
+
+
+def _too_large(where: Any, detail: str) -> ValueError:
+  return ValueError(f"Cannot read image {where}: {detail} Resize it, or raise "
+                    f"PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS:,}).")
+
+
+# kamal_jax refuses an image of more than Image.MAX_IMAGE_PIXELS pixels itself
+# (`open_image`), so PIL's warning about those up to twice the limit would only repeat
+# the error.
+_QUIET = ("ignore", None, Image.DecompressionBombWarning, None, 0)
+
+
+def _quiet_bomb_warnings():
+  """Puts _QUIET among the warning filters, again where a warnings.catch_warnings
+  around kamal_jax's import (pytest's, for one) dropped it. Set per call instead, by
+  catch_warnings, it would not be thread-safe, and would reset every warning's
+  shown-once record."""
+  if _QUIET not in warnings.filters:
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def open_image(source: Any, where: Any) -> Image.Image:
+  """Image.open (the header: the pixels are decoded on load), refusing in one line
+  that names `where` an image PIL cannot identify and one of more than
+  Image.MAX_IMAGE_PIXELS pixels, before its pixels are decoded: PIL itself raises
+  only past twice the limit, and below that merely warns and decodes."""
+  _quiet_bomb_warnings()
+  try:
+    image = Image.open(source)
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+    raise _too_large(where, str(error)) from error  # the warning raised where -W error
+  except (UnidentifiedImageError, OSError, ValueError) as error:
+    raise _unreadable(where, error) from error
+  pixels = image.width * image.height
+  if Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS:
+    image.close()
+    raise _too_large(where, f"Its {image.width}x{image.height} = {pixels:,} pixels exceed "
+                     "PIL.Image.MAX_IMAGE_PIXELS.")
+  return image
+
+
+def convert(image: Image.Image, channels: int, where: Any = "(a PIL image)") -> Image.Image:
+  """A PIL image of any mode -> `channels` channels as the networks see them: mode L
+  or RGB by PIL's conversion, or, for a grey image of more than 8 bits, which that
+  would clip, mode F in [0, 1] (one band, that `_to_array` repeats to `channels`)."""
+  if image.mode in _DEEP_GREY:
+    scale = _DEEP_GREY[image.mode]
+    return image.convert("F").point(lambda v: v * scale)
+  if image.mode == "P" and "transparency" in image.info:
+    image = image.convert("RGBA")  # the same pixels; PIL warns going to L or RGB directly
+  try:
+    return image.convert(MODES[channels])
+  except ValueError as error:  # LAB to L, La to either
+    raise ValueError(f"Cannot convert image {where}: PIL cannot bring its mode {image.mode} "
+                     f"to {MODES[channels]} ({error}). Save it as RGB.") from error
 
 
 def decode(record: Any, channels: int) -> Image.Image:
-  """Encoded bytes or a file path -> a PIL image with `channels` channels: mode L or
-  RGB, or for a grey image of more than 8 bits read as grey, mode F in [0, 1]."""
-  try:
-    source = io.BytesIO(record) if isinstance(record, bytes) else record
-    with Image.open(source) as image:
-      if channels == 1 and image.mode in _DEEP_GREY:
-        scale = _DEEP_GREY[image.mode]
-        return image.convert("F").point(lambda v: v * scale)
-      return image.convert(MODES[channels])
-  except (UnidentifiedImageError, OSError, ValueError) as error:
-    where = record if isinstance(record, (str, Path)) else "an encoded image"
-    raise ValueError(f"Cannot read image {where}: {error}. Remove or replace it.") from error
+  """Encoded bytes or a file path -> the image as `convert` gives it, or a ValueError
+  naming the file where `open_image` refuses it or its pixels do not decode (a
+  truncated file whose header is whole)."""
+  where = record if isinstance(record, (str, Path)) else "an encoded image"
+  with open_image(io.BytesIO(record) if isinstance(record, bytes) else record, where) as image:
+    try:
+      image.load()
+    except (OSError, ValueError) as error:
+      raise _unreadable(where, error) from error
+    return convert(image, channels, where)
 
 
 def _to_array(image: Image.Image, channels: int) -> np.ndarray:
-  pixels = np.asarray(image, np.float32) / (1.0 if image.mode == "F" else 255.0)
-  return pixels.reshape(image.height, image.width, channels)
+  """[H, W, channels] float32 in [0, 1]; a mode F image (`convert`) has one band,
+  repeated to `channels`."""
+  if image.mode == "F":
+    return np.repeat(np.asarray(image, np.float32)[..., None], channels, axis=-1)
+  return np.asarray(image, np.float32).reshape(image.height, image.width, channels) / 255.0
 
 
 def eval_view(image: Image.Image, view: View, channels: int) -> np.ndarray:
