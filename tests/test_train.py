@@ -200,7 +200,7 @@ def test_bridges_and_network_learn_at_their_own_rates(tap_rates):
 def test_unknown_optimizer_names_the_choices():
   cfg = ml_collections.ConfigDict(dict(name="lamb", learning_rate=0.1, decay_at=(),
                                        decay_factor=0.5))
-  with pytest.raises(ValueError, match="'adam' or 'sgd'"):
+  with pytest.raises(ValueError, match=r"use one of \['adam', 'sgd'\]"):
     train.make_optimizer(cfg, 10).init({"net": jnp.ones(1)})
 
 
