@@ -47,9 +47,7 @@ def check_fit(config: ml_collections.ConfigDict, networks: dict, example: np.nda
     raise ValueError(f"data.test_fraction={config.data.test_fraction} holds out no test "
                      "image: raise it (the report scores every network on them).")
   for field, (pool, count) in sizes.items():
-    size = config
-    for name in field.split("."):
-      size = size[name]
+    size = schema.value_at(config, field)
     if count < size:
       raise ValueError(f"{field}={size} is more than the {count} images of {pool}: "
                        f"lower it to at most {count}, or give more images.")

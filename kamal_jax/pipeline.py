@@ -219,8 +219,9 @@ def _pool_sizes(run: Run) -> dict[str, tuple[str, int]]:
     pools.append(("stage2.batch_size", "the student's pool",
                   len(run.pool(run.plan.target_classes))))
   sizes = {}
-  for field, pool, count in sorted(pools, key=lambda p: -p[2]):  # the smallest last
-    sizes[field] = (pool, count)
+  for field, pool, count in pools:
+    if field not in sizes or count < sizes[field][1]:
+      sizes[field] = (pool, count)
   return sizes
 
 

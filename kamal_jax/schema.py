@@ -20,7 +20,7 @@ import ml_collections
 from kamal_jax import amalgamate, ambiguity, data, export, joint, kinds, models, tasks
 from kamal_jax.train import state
 
-__all__ = ["check", "Field", "FIELDS", "reference", "Rule", "RULES"]
+__all__ = ["check", "Field", "FIELDS", "reference", "Rule", "RULES", "value_at"]
 
 MAX_STEPS = 2**31 - 1  # optax counts steps in int32
 
@@ -295,7 +295,8 @@ _BATCHES = ("teacher_training.batch_size", "stage1.batch_size", "stage2.batch_si
             "eval_batch_size")
 
 
-def _value(config, path: str):
+def value_at(config, path: str):
+  """The config's value at a dotted path ('stage1.optimizer.name')."""
   for name in path.split("."):
     config = config[name]
   return config
@@ -303,8 +304,8 @@ def _value(config, path: str):
 
 def _split_over_devices(config, devices: int) -> str | None:
   for path in _BATCHES:
-    if _value(config, path) % devices:
-      return (f"{path}={_value(config, path)} does not split over {devices} devices: use "
+    if value_at(config, path) % devices:
+      return (f"{path}={value_at(config, path)} does not split over {devices} devices: use "
               f"a positive multiple of {devices}.")
   return None
 
@@ -363,7 +364,7 @@ def _needed(field: Field, config) -> bool:
   if field.when is None:
     return True
   on, values = field.when
-  return _value(config, on) in values
+  return value_at(config, on) in values
 
 
 def _unknown(config, prefix: str = "") -> str | None:
@@ -401,7 +402,7 @@ def check(config: ml_collections.ConfigDict, devices: int):
     if not _present(config, field.path):
       raise ValueError(f"{field.path}: the config lacks this field: add it ({field.allowed}; "
                        "see configs/digits.py).")
-    value = _value(config, field.path)
+    value = value_at(config, field.path)
     if not field.allowed.allows(value):
       raise ValueError(f"{field.path}={_shown(value)}: give {field.allowed}.")
   for rule in RULES:
@@ -433,7 +434,7 @@ def reference() -> str:
   default = digits.get_config()
 
   def shown(path: str) -> str:
-    return f"`{_shown(_value(default, path))}`"
+    return f"`{_shown(value_at(default, path))}`"
 
   rows = ["| field | allowed | default | what it does |", "|---|---|---|---|"]
   for field in FIELDS:
