@@ -45,9 +45,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   workdir = Path(FLAGS.workdir)
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  run = pipeline.prepare(config, workdir, ())
-  student = pipeline.restore_networks(run).student
-  run.log.close()
+  with pipeline.prepare(config, workdir, ()) as run:
+    student = pipeline.restore_networks(run).student
   indices = np.tile(run.test_indices, FLAGS.copies)
   images = run.images(indices)
   model = kamal_jax.load(workdir / "export" / "student")

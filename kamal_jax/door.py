@@ -13,10 +13,10 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from kamal_jax import models, schema
+from kamal_jax import files, models, parallel, schema
 
 __all__ = ["backbone", "BRIDGED", "CADENCE", "check_fit", "check_teachers", "check_workdir",
-           "config_drift", "validate", "workdir_for"]
+           "config_drift", "lock_workdir", "validate", "workdir_for"]
 
 
 def validate(config: ml_collections.ConfigDict):
@@ -80,8 +80,9 @@ def config_drift(config: ml_collections.ConfigDict, workdir: Path) -> list[str]:
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: Path):
-  """Refuses a workdir that is a file, cannot be written, or holds a run of a config
-  that gives other results (resuming it would mix the two)."""
+  """Refuses a workdir that is a file, cannot be written, is in use by another run,
+  or holds a run of a config that gives other results (resuming it would mix the
+  two)."""
   if workdir.exists() and not workdir.is_dir():
     raise ValueError(f"--workdir {workdir} is a file: give a directory, new or of this run.")
   existing = next(p for p in (workdir, *workdir.absolute().parents) if p.exists())
@@ -91,6 +92,9 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: Path):
   except OSError as error:
     raise ValueError(f"--workdir {workdir} cannot be written ({error.strerror} in "
                      f"{existing}): give a directory you can write.") from error
+  holder = files.holder(workdir) if parallel.primary() else None
+  if not parallel.agreed(holder is None):  # checked here, at once; locked after the door
+    raise ValueError(_busy(workdir, holder))
   drift = config_drift(config, workdir)
   if drift:
     more = f" and {len(drift) - 5} more" if len(drift) > 5 else ""
@@ -98,6 +102,25 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: Path):
         f"{workdir} holds a run of another config ({'; '.join(drift[:5])}{more}): "
         "resume it with its config.json's values, use another --workdir, or pass "
         "--start_fresh to start anew beside it.")
+
+
+def _busy(workdir: Path, holder: str | None) -> str:
+  return (f"--workdir {workdir} is in use by another run ({holder or 'found by process 0'}): "
+          "wait for it to end, or give another --workdir.")
+
+
+def lock_workdir(workdir: Path):
+  """The workdir's lock (`files.lock_workdir`), taken by process 0 for all the
+  processes of the run, which write as one; ValueError while another run holds it."""
+  lock = holder = None
+  if parallel.primary():
+    try:
+      lock = files.lock_workdir(workdir)
+    except files.WorkdirBusy as busy:
+      holder = str(busy)
+  if not parallel.agreed(holder is None):
+    raise ValueError(_busy(workdir, holder))
+  return lock
 
 
 def workdir_for(config: ml_collections.ConfigDict, workdir: Path, start_fresh: bool) -> Path:

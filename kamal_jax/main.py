@@ -11,11 +11,15 @@ writes any of its networks again (`kamal_jax.export`), `predict` runs an exporte
 network on image files (`kamal_jax.predict`).
 
 Exit status: 0 when the stages ran; 2 on bad input (config, data, teachers,
-workdir) or a stage that cannot go on (non-finite loss, earlier stage missing), with
-one line on stderr that names the problem and the fix; `--debug` shows the
-traceback instead. Nothing in the workdir is touched before the input has passed
-its checks.
+workdir, a workdir another run holds), a stage that cannot go on (non-finite loss,
+earlier stage missing) or a file the file system would not write (full disk), with
+one line on stderr that names the problem and the fix; 130 on SIGINT and 143 on
+SIGTERM, with one line that says where the run stopped (`kamal_jax.interrupts`).
+`--debug` shows the traceback instead. Nothing in the workdir is touched before the
+input has passed its checks; the rerun of a stopped run goes on from its last good
+checkpoint.
 """
+import logging as python_logging
 import os
 import re
 import sys
@@ -23,6 +27,8 @@ from pathlib import Path
 
 from absl import flags, logging
 from ml_collections import config_flags
+
+from kamal_jax import files, interrupts
 
 __all__ = ["BadInput", "cli", "COMMANDS", "HELP", "run"]
 
@@ -106,6 +112,14 @@ def _parse(argv: list[str]) -> flags.FlagValues:
   return values
 
 
+def _not_from_orbax_thread(record: python_logging.LogRecord) -> bool:
+  """A log filter that drops the errors orbax logs, with their tracebacks, from the
+  thread where they happened: the same error reaches the main thread, which the
+  command reports in one line."""
+  return not (record.levelno >= python_logging.ERROR and
+              f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
 def _run(values: flags.FlagValues) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   if values.distributed:  # before anything asks JAX for its devices
@@ -113,6 +127,8 @@ def _run(values: flags.FlagValues) -> None:
                                values.process_id)
   from kamal_jax import door, pipeline, report, train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
+  if not values.debug:
+    python_logging.getLogger("absl").addFilter(_not_from_orbax_thread)
   if values.compilation_cache:
     pipeline.enable_compilation_cache(values.compilation_cache)
   stages = pipeline.STAGES if values.stage == "all" else (values.stage,)
@@ -214,15 +230,25 @@ def cli(argv: list[str]) -> int:
     print(__doc__ + "\n" + values.get_help())
     return 0
   try:
-    if name:
-      _subcommand(name, argv)
-    else:
-      _run(_parse(argv))
-  except BadInput as error:
+    with interrupts.handled():
+      if name:
+        _subcommand(name, argv)
+      else:
+        _run(_parse(argv))
+  except (BadInput, files.WriteError) as error:
     if "--debug" in argv:
       raise
-    print(f"kamal-jax: error: {' '.join(str(error).split())}", file=sys.stderr)
+    fix = ("" if isinstance(error, BadInput) else
+           ": free space or fix the file system, then run the same command again")
+    print(f"kamal-jax: error: {' '.join(str(error).split())}{fix}", file=sys.stderr)
     return 2
+  except interrupts.Interrupted as stop:
+    if "--debug" in argv:
+      raise
+    where = f" {stop.where}" if stop.where else ""
+    resume = "" if name else ": run the same command again to resume"
+    print(f"kamal-jax: stopped by {stop.signal_name}{where}{resume}.", file=sys.stderr)
+    return stop.exit_status
   return 0
 
 

@@ -20,8 +20,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-__all__ = ["AXIS", "data_parallel", "gathered", "host", "local_rows", "mesh",
-           "primary", "REPLICATED", "replicated", "split", "SPLIT"]
+__all__ = ["agreed", "AXIS", "data_parallel", "gathered", "host", "in_any_process",
+           "local_rows", "mesh", "primary", "REPLICATED", "replicated", "split", "SPLIT"]
 
 AXIS = "batch"
 REPLICATED = PartitionSpec()  # the same value on every device
@@ -100,3 +100,18 @@ def gathered(tree):
   if jax.process_count() > 1:
     tree = multihost_utils.process_allgather(tree, tiled=True)
   return jax.tree.map(np.asarray, tree)
+
+
+def agreed(flag: bool) -> bool:
+  """Process 0's `flag`, in every process: what the processes of a multi-process run
+  decide together when only process 0 could look (a collective: all must call it)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def in_any_process(flag: bool) -> bool:
+  """Whether `flag` holds in some process (a collective: all must call it)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))

@@ -14,14 +14,15 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from kamal_jax import (compilation, data, door, evaluate, export, files, models, parallel,
-                       report, tasks, teachers, train)
+from kamal_jax import (compilation, data, door, evaluate, export, files, interrupts, models,
+                       parallel, report, tasks, teachers, train)
 from kamal_jax.examples import Examples
 from kamal_jax.kinds import PIPELINES, supervised_target, train_teachers
 from kamal_jax.networks import Networks
@@ -55,10 +56,23 @@ class Run:
   plan: tasks.AmalgamationPlan
   sources: dict[str, teachers.Teacher]  # every teacher; variables None: trained here
   stacks: tuple[tuple[str, ...], ...]  # the teachers that run as one, in plan order
-  log: train.MetricLog | None  # set once the run passed the door
+  log: train.MetricLog | None  # set once the run passed the door (with the lock)
   train_stages: tuple[str, ...]  # the stages this invocation may train
   backbone: dict | None  # config.models.pretrained's variables, if it names a checkpoint
   trained: set = dataclasses.field(default_factory=set)  # the stages it did train
+  lock: Any = None  # the workdir's lock (door.lock_workdir), held until `close`
+
+  def __enter__(self) -> "Run":
+    return self
+
+  def __exit__(self, *exception):
+    self.close()
+
+  def close(self):
+    """Closes the metric log and lets the workdir go (a run is a context manager)."""
+    self.log.close()
+    if self.lock is not None:
+      self.lock.close()
 
   def images(self, indices: np.ndarray, domain: str | None = None,
              stream: str | None = None, step: int = 0) -> np.ndarray:
@@ -191,7 +205,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> R
                           "the student": models.student(config.models, 1)},
                  run.images(train_indices[:1]), _pool_sizes(run), len(test_indices))
   # The workdir is touched only once the config has passed every check above.
-  workdir.mkdir(parents=True, exist_ok=True)
+  with files.writing(workdir):
+    workdir.mkdir(parents=True, exist_ok=True)
+  run.lock = door.lock_workdir(workdir)
   if parallel.primary():
     files.write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
   run.log = train.MetricLog(workdir)
@@ -235,25 +251,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   compilation.listen()
   workdir = Path(workdir)
-  run = prepare(config, workdir, stages)
-  run.trained.add("evaluate")  # never checkpointed: always computed anew
   records = {name: workdir / f"{name}.json" for name in ("timings", "compilation")}
-  timings, compiled = ({} if not path.exists() else json.loads(path.read_text())
-                       for path in records.values())
+  with prepare(config, workdir, stages) as run:
+    run.trained.add("evaluate")  # never checkpointed: always computed anew
+    timings, compiled = ({} if not path.exists() else json.loads(path.read_text())
+                         for path in records.values())
 
-  def timed(stage, fn, *args):
-    start, before = time.perf_counter(), compilation.totals()
-    out = fn(*args)
-    if stage in run.trained:
-      timings[stage] = round(time.perf_counter() - start, 2)
-      compiled[stage] = compilation.since(before)
-      if parallel.primary():
-        for path, record in zip(records.values(), (timings, compiled)):
-          files.write_atomic(path, json.dumps(record, indent=2))
-    return out
+    def timed(stage, fn, *args):
+      start, before = time.perf_counter(), compilation.totals()
+      try:
+        out = fn(*args)
+      except interrupts.Interrupted as interrupted:
+        raise interrupted.located(f"in stage {stage!r}") from None
+      if stage in run.trained:
+        timings[stage] = round(time.perf_counter() - start, 2)
+        compiled[stage] = compilation.since(before)
+        if parallel.primary():
+          for path, record in zip(records.values(), (timings, compiled)):
+            files.write_atomic(path, json.dumps(record, indent=2))
+      return out
 
-  last = max(STAGES.index(s) for s in stages)
-  try:
+    last = max(STAGES.index(s) for s in stages)
     networks = timed("teachers", train_teachers, run)
     for stage, build in PIPELINES[config.pipeline]:
       if last < STAGES.index(stage):
@@ -262,15 +280,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if last < STAGES.index("evaluate"):
       return None
     result = timed("evaluate", evaluate.run_scores, run, networks)
-  finally:
-    run.log.close()
-  result["pipeline"] = config.pipeline
-  result["timings"] = timings
-  if parallel.primary():
-    report.write(result, workdir)
-    if networks.student is not None and isinstance(networks.student.module, models.ResNet):
-      export.networks(run, networks, "student", workdir / "export",
-                      tuple(config.export_graphs))
+    result["pipeline"] = config.pipeline
+    result["timings"] = timings
+    if parallel.primary():
+      report.write(result, workdir)
+      if networks.student is not None and isinstance(networks.student.module, models.ResNet):
+        with files.writing(workdir / "export"):
+          export.networks(run, networks, "student", workdir / "export",
+                          tuple(config.export_graphs))
   return result
 
 
@@ -292,9 +309,7 @@ def export_workdir(workdir: Path, network: str, out: Path | None = None) -> list
   if not saved.is_file():
     raise ValueError(f"--workdir {workdir} holds no run (no config.json): give the "
                      "workdir of a finished run.")
-  run = prepare(ml_collections.ConfigDict(json.loads(saved.read_text())), workdir, ())
-  try:
-    networks = restore_networks(run)
-  finally:
-    run.log.close()
-  return export.networks(run, networks, network, Path(out) if out else workdir / "export")
+  out = Path(out) if out else workdir / "export"
+  with prepare(ml_collections.ConfigDict(json.loads(saved.read_text())), workdir, ()) as run:
+    with files.writing(out):
+      return export.networks(run, restore_networks(run), network, out)

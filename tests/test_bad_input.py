@@ -218,7 +218,8 @@ def test_a_part_with_one_teacher_warns_and_runs(tiny, tmp_path, caplog):
   selection has nothing to choose) and warned about, not refused."""
   config = tiny.copy_and_resolve_references()
   config.teachers.t2 = ("0", "1", "6", "7")  # part1 {0, 1, 2}: only t1 covers it
-  run = pipeline.prepare(config, tmp_path, ())
+  with pipeline.prepare(config, tmp_path, ()) as run:
+    pass
   assert [g.teachers for g in run.plan.groups] == [("t1",), ("t3", "t4")]
   assert "Part 'part1' has one teacher (t1)" in caplog.text
 

@@ -27,10 +27,9 @@ def exported(tiny, finished):
   workdir, _ = finished
   assert json.loads((workdir / "export" / "student" / "model.json").read_text())[
       "files"]["model.onnx"] == {"missing": "not asked for: kamal-jax export writes it"}
-  run = pipeline.prepare(tiny, workdir, ())
-  networks = pipeline.restore_networks(run)
-  folder, = export.networks(run, networks, "student", workdir / "export")
-  run.log.close()
+  with pipeline.prepare(tiny, workdir, ()) as run:
+    networks = pipeline.restore_networks(run)
+    folder, = export.networks(run, networks, "student", workdir / "export")
   images = run.images(run.test_indices)
   return folder, images, run.dataset.labels[run.test_indices, 0], networks.student.variables
 

@@ -79,8 +79,8 @@ def test_folder_with_heterogeneous_and_imported_teachers(png_digits, tmp_path):
   # Teachers of the teachers' architecture and the components started from the
   # pretrained weights: a few steps at these rates move a weight by < 0.02, while
   # random initial weights differ from them by ~0.3.
-  run = pipeline.prepare(config, workdir, ())
-  networks = pipeline.restore_networks(run)
+  with pipeline.prepare(config, workdir, ()) as run:
+    networks = pipeline.restore_networks(run)
   stem = pretrained["params"]["stem_conv"]["kernel"]
   pool = networks.teachers
   started = [*pool[0].variables["params"]["stem_conv"]["kernel"],

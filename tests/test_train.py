@@ -1,9 +1,14 @@
-"""The shared loop: exact resume, refusal to checkpoint non-finite losses, optimizers."""
+"""The shared loop: exact resume (after a kill, SIGTERM or a full disk), refusal to
+checkpoint non-finite losses, optimizers."""
 import dataclasses
+import errno
 import json
+import os
 import shutil
+import signal
 import struct
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +16,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from kamal_jax import models, supervised, train
+from kamal_jax import files, interrupts, models, supervised, train
 from kamal_jax.train import tensorboard
+from conftest import fill
 from kamal_jax.examples import Examples
 
 BATCH = 16  # the batch of the shrunk pipeline's teacher stages
@@ -32,15 +38,83 @@ def stage(tiny):
   return supervised.stage("teachers", module, (4,), examples, cfg, seed=0, rng_impl="rbg")
 
 
-def _fit(stage, directory, batches=None, steps=6):
+def _fit(stage, directory, batches=None, steps=6, schedule=train.Schedule(1, 2)):
   stage = dataclasses.replace(stage, batches=batches or stage.batches, steps=steps)
   directory.mkdir(parents=True, exist_ok=True)
   log = train.MetricLog(directory)
   try:
-    return train.fit(stage, directory / "ckpt", train.Schedule(log_every=1, checkpoint_every=2),
-                     log)
+    return train.fit(stage, directory / "ckpt", schedule, log)
   finally:
     log.close()
+
+
+def _assert_same_state(a, b):
+  for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state)),
+                  jax.tree.leaves((b.params, b.batch_stats, b.opt_state)), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def _logged(directory) -> list[dict]:
+  return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigterm_checkpoints_the_finished_step_and_the_resume_is_bit_identical(stage, tmp_path):
+  """Between logs: the checkpoint of step 3 keeps step 3's metrics, which the resumed
+  stage logs in step 4's mean, as the uninterrupted stage does."""
+  schedule = train.Schedule(log_every=2, checkpoint_every=4)
+  whole = _fit(stage, tmp_path / "whole", schedule=schedule)
+  batch_fn = stage.batches
+
+  def terminated_in_3(step):  # the batch of step 3: the signal comes while it runs
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return batch_fn(step)
+
+  with interrupts.handled(), pytest.raises(interrupts.Interrupted) as stopped:
+    _fit(stage, tmp_path / "resumed", terminated_in_3, schedule=schedule)
+  assert stopped.value.signal_name == "SIGTERM"
+  assert stopped.value.where == ("in stage 'teachers' after step 3 of 6 (its newest "
+                                 "checkpoint: step 3)")
+  saved = tmp_path / "resumed" / "ckpt" / "3"
+  assert sorted(p.name for p in saved.parent.iterdir()) == ["3"]
+  assert (saved / train.checkpoints.PENDING).is_file()
+  resumed = _fit(stage, tmp_path / "resumed", schedule=schedule)
+  _assert_same_state(whole, resumed)
+  assert _logged(tmp_path / "resumed") == _logged(tmp_path / "whole")  # steps 2, 4, 6
+
+
+def _wait_for(path: Path):
+  deadline = time.monotonic() + 60
+  while not path.exists():
+    assert time.monotonic() < deadline, f"{path} was never written"
+    time.sleep(0.01)
+
+
+def test_a_full_disk_at_a_save_names_the_path_and_is_never_the_resume_point(
+    stage, tmp_path, small_disk, monkeypatch):
+  """The disk fills as orbax starts to write checkpoint 4 (2 is sealed by then): a
+  real full file system where the test can mount one, else an injected ENOSPC."""
+  whole = _fit(stage, tmp_path / "whole")
+  directory = small_disk or tmp_path / "run"
+  start_save = train.checkpoints.ocp.CheckpointManager.save
+  ballast = []
+
+  def save_on_a_full_disk(manager, step, *args, **kwargs):
+    if step == 4:
+      if small_disk is None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      ballast.append(fill(small_disk))
+    return start_save(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(train.checkpoints.ocp.CheckpointManager, "save", save_on_a_full_disk)
+  with pytest.raises(files.WriteError, match="No space left on device") as refused:
+    _fit(stage, directory)
+  assert str(refused.value).startswith(str(directory))
+  for path in ballast:
+    path.unlink()
+  monkeypatch.undo()
+  assert train.checkpoints.latest_good(train.checkpoints.manager(directory / "ckpt")) == 2
+  _assert_same_state(whole, _fit(stage, directory))
 
 
 def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(stage, tmp_path):
@@ -57,9 +131,7 @@ def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(stage, tmp_path)
   assert sorted(p.name for p in (tmp_path / "resumed" / "ckpt").iterdir()) == ["2"]
   resumed = _fit(stage, tmp_path / "resumed")
   assert int(resumed.step) == int(whole.step) == 6
-  for a, b in zip(jax.tree.leaves((whole.params, whole.batch_stats, whole.opt_state)),
-                  jax.tree.leaves((resumed.params, resumed.batch_stats, resumed.opt_state))):
-    np.testing.assert_array_equal(a, b)
+  _assert_same_state(whole, resumed)
 
 
 def _damage(step_dir, how):
@@ -123,10 +195,7 @@ def test_a_checkpoint_is_sealed_soon_after_it_is_written(stage, tmp_path):
 
   def checked(step):  # the batch of step `step + 1`
     if step == 2:
-      deadline = time.monotonic() + 60
-      while not written.is_dir():  # orbax renames the finished checkpoint into place
-        assert time.monotonic() < deadline, "checkpoint 2 was never written"
-        time.sleep(0.01)
+      _wait_for(written)  # orbax renames the finished checkpoint into place
       time.sleep(0.2)
     if step == 3:  # before the next save
       assert (written / train.CHECKSUMS).is_file(), "checkpoint 2 unsealed at step 4"

@@ -4,12 +4,14 @@ checkpoint sealed with the SHA-256 of its files and checked on every restore.
 The layout is the same on every backend: a stage saves its TrainState as it is
 (stacked networks with their leading [K] axis), however its step runs them.
 """
+import contextlib
 import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -17,7 +19,20 @@ from jax.experimental import multihost_utils
 from kamal_jax import files, parallel
 from kamal_jax.train.state import TrainState
 
-__all__ = ["CHECKSUMS", "latest_good", "manager", "restore", "restore_finished", "Saver"]
+__all__ = ["CHECKSUMS", "latest_good", "manager", "PENDING", "pending_metrics", "restore",
+           "restore_finished", "Saver", "training_manager"]
+
+
+@contextlib.contextmanager
+def training_manager(directory: Path):
+  """The manager a stage trains with (it cleans up, see `manager`); its closing,
+  which waits for the save in flight, reports a failed write as a WriteError."""
+  checkpoints = manager(directory, clean_up=True)
+  try:
+    yield checkpoints
+  finally:
+    with files.writing(directory):
+      checkpoints.close()
 
 
 def manager(directory: Path, clean_up: bool = False) -> ocp.CheckpointManager:
@@ -35,6 +50,7 @@ def manager(directory: Path, clean_up: bool = False) -> ocp.CheckpointManager:
 # guards against a kill while saving, but a file garbled later restores silently as
 # wrong numbers (tried: a flipped byte in an array chunk), so every restore checks.
 CHECKSUMS = "kamal_jax_sha256.json"
+PENDING = "kamal_jax_pending_metrics.npz"  # see Saver.save
 
 
 def _digests(step_dir: Path) -> dict[str, str]:
@@ -48,17 +64,22 @@ class Saver:
   sealed with its checksums once orbax has finalised it: at the first step after
   (`seal_if_written`), and at the latest before the next save starts and when the
   stage ends, however it ends (`seal`). A checkpoint without them, from a kill in
-  between, is never trusted."""
+  between, is never trusted; nor is one the file system refused (a WriteError)."""
 
   def __init__(self, manager: ocp.CheckpointManager):
     self.manager = manager
     self.unsealed = None  # the step being written
+    self.pending = []  # its metrics not yet logged
 
-  def save(self, step: int, state: TrainState):
-    """`state`: host arrays of its own (the device buffers are donated to the next step)."""
+  def save(self, step: int, state: TrainState, pending: list | None = None):
+    """`state`: host arrays of its own (the device buffers are donated to the next
+    step); `pending`: the metrics of the steps since the last log, kept beside the
+    state for the resumed stage to log (`pending_metrics`): a stage stopped by
+    SIGTERM saves between logs."""
     self.seal()
-    self.manager.save(step, args=ocp.args.StandardSave(state))
-    self.unsealed = step
+    with files.writing(self._step_dir(step)):
+      self.manager.save(step, args=ocp.args.StandardSave(state))
+    self.unsealed, self.pending = step, jax.device_get(pending or [])
 
   def seal_if_written(self):
     """Seals the checkpoint being written if orbax has finished it (never waits)."""
@@ -68,11 +89,29 @@ class Saver:
   def seal(self):
     if self.unsealed is None:
       return
-    self.manager.wait_until_finished()
-    if parallel.primary():
-      step_dir = Path(self.manager.directory) / str(self.unsealed)
-      files.write_atomic(step_dir / CHECKSUMS, json.dumps(_digests(step_dir), indent=0))
-    self.unsealed = None
+    step_dir, pending = self._step_dir(self.unsealed), self.pending
+    self.unsealed, self.pending = None, []  # sealed now, or never
+    with files.writing(step_dir):
+      self.manager.wait_until_finished()
+      if parallel.primary():
+        if pending:
+          np.savez(step_dir / PENDING, **jax.tree.map(lambda *xs: np.stack(xs), *pending))
+        files.write_atomic(step_dir / CHECKSUMS, json.dumps(_digests(step_dir), indent=0))
+
+  def _step_dir(self, step: int) -> Path:
+    return Path(self.manager.directory) / str(step)
+
+
+def pending_metrics(manager: ocp.CheckpointManager, step: int) -> list[dict]:
+  """The metrics of the steps up to `step` that its checkpoint kept unlogged (see
+  `Saver.save`), in step order: [] for a checkpoint at a logged step."""
+  path = Path(manager.directory) / str(step) / PENDING
+  if not step or not path.exists():
+    return []
+  with np.load(path) as saved:
+    stacked = {name: saved[name] for name in saved.files}  # name -> [steps, ...]
+  return [{name: values[i] for name, values in stacked.items()}
+          for i in range(len(next(iter(stacked.values()))))]
 
 
 def _damage(step_dir: Path) -> str | None:

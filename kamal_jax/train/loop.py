@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from kamal_jax import parallel
+from kamal_jax import interrupts, parallel
 from kamal_jax.train import checkpoints
 from kamal_jax.train.metrics import MetricLog
 from kamal_jax.train.state import TrainState, create_state
@@ -119,13 +119,25 @@ def _log(log: MetricLog, stage: Stage, step: int, history: list) -> dict:
   return means
 
 
+def _stop_here(logged: bool) -> bool:
+  """Whether the loop stops after this step for a SIGTERM. The processes of a
+  multi-process run decide together, at the logged steps (`logged`), where they
+  wait for the metrics anyway: asking at every step would make each step wait for
+  the one before."""
+  if jax.process_count() == 1:
+    return interrupts.sigterm_received()
+  return logged and parallel.in_any_process(interrupts.sigterm_received())
+
+
 def fit(stage: Stage, directory: Path, schedule: Schedule, log: MetricLog) -> TrainState:
   """Trains `stage` to its last step and returns its final state (host arrays).
 
   Resumes from the latest good checkpoint in `directory`; a fresh stage starts from
-  `stage.init(stage.key)`, warm-started where the stage says.
+  `stage.init(stage.key)`, warm-started where the stage says. A SIGTERM checkpoints
+  the step that finished, with the metrics not yet logged, then stops the run
+  (`interrupts`); a resumed stage goes on as if it had not stopped.
   """
-  with checkpoints.manager(directory, clean_up=True) as manager:
+  with checkpoints.training_manager(directory) as manager:
     start = checkpoints.latest_good(manager)
     state = (checkpoints.restore(manager, start, _abstract(stage)) if start
              else _initial_state(stage))
@@ -134,23 +146,34 @@ def fit(stage: Stage, directory: Path, schedule: Schedule, log: MetricLog) -> Tr
     log.resume(stage.name, start)
     step_fn = train_step(stage.loss_fn, stage.spec)
     state, frozen = parallel.replicated(state), parallel.replicated(stage.frozen)
-    history = []
+    history = checkpoints.pending_metrics(manager, start)
     bar = tqdm.trange(start, stage.steps, desc=stage.name, initial=start,
                       total=stage.steps, disable=not parallel.primary())
-    saver = checkpoints.Saver(manager)
+    saver, done, saved = checkpoints.Saver(manager), start, start
     try:
-      for step in bar:
-        state, metrics = step_fn(state, frozen, parallel.split(stage.batches(step)))
-        saver.seal_if_written()
-        history.append(metrics)
-        done = step + 1
-        last = done == stage.steps
-        if done % schedule.log_every == 0 or last:
-          means = _log(log, stage, done, history)
-          bar.set_postfix(loss=f"{means['loss']:.4f}")
-          history = []
-        if done % schedule.checkpoint_every == 0 or last:
-          saver.save(done, parallel.host(state))
+      with interrupts.sigterm_held():
+        for step in bar:
+          state, metrics = step_fn(state, frozen, parallel.split(stage.batches(step)))
+          saver.seal_if_written()
+          history.append(metrics)
+          done = step + 1
+          last = done == stage.steps
+          logged = done % schedule.log_every == 0 or last
+          if logged:
+            means = _log(log, stage, done, history)
+            bar.set_postfix(loss=f"{means['loss']:.4f}")
+            history = []
+          stop = _stop_here(logged)
+          if done % schedule.checkpoint_every == 0 or last or stop:
+            saver.save(done, parallel.host(state), history)
+            saved = done
+          if stop:
+            raise interrupts.Interrupted("SIGTERM")
+    except interrupts.Interrupted as interrupted:
+      bar.close()
+      newest = f"its newest checkpoint: step {saved}" if saved else "no checkpoint yet"
+      raise interrupted.located(
+          f"in stage {stage.name!r} after step {done} of {stage.steps} ({newest})") from None
     finally:
       saver.seal()
     return parallel.host(state)

@@ -32,8 +32,9 @@ class MetricLog:
 
   def __init__(self, workdir: Path):
     self.primary = parallel.primary()  # the only process that writes
-    self.tensorboard = EventFile(workdir / "tensorboard") if self.primary else None
     self.path = workdir / "metrics.jsonl"
+    with files.writing(workdir / "tensorboard"):
+      self.tensorboard = EventFile(workdir / "tensorboard") if self.primary else None
 
   def resume(self, stage: str, step: int):
     """Drops the stage's records after `step` (logged by a run killed before its next
@@ -49,18 +50,20 @@ class MetricLog:
     if not self.primary:
       return
     record = {"stage": stage, "step": step}
-    for key, value in means.items():
-      if np.ndim(value) == 0:
-        record[key] = float(value)
-        self.tensorboard.add_scalar(f"{stage}/{key}", record[key], step)
-      else:
-        record[key] = dict(zip(labels[key], map(float, value)))
-        for label, v in record[key].items():
-          self.tensorboard.add_scalar(f"{stage}/{key}/{label}", v, step)
-    self.tensorboard.flush()
-    with self.path.open("a") as f:
+    with files.writing(self.path.parent / "tensorboard"):
+      for key, value in means.items():
+        if np.ndim(value) == 0:
+          record[key] = float(value)
+          self.tensorboard.add_scalar(f"{stage}/{key}", record[key], step)
+        else:
+          record[key] = dict(zip(labels[key], map(float, value)))
+          for label, v in record[key].items():
+            self.tensorboard.add_scalar(f"{stage}/{key}/{label}", v, step)
+      self.tensorboard.flush()
+    with files.writing(self.path), self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
 
   def close(self):
     if self.primary:
-      self.tensorboard.close()
+      with files.writing(self.path.parent / "tensorboard"):
+        self.tensorboard.close()
