@@ -77,8 +77,8 @@ def main(argv):
   for dtype in FLAGS.dtypes:
     for label, problem in ((f"stage 1, K={FLAGS.k}", sbs.stage1(size, FLAGS.k)),
                            (f"stage 2, G={size.groups}", sbs.stage2(size))):
-      run, flops = sbs.jax_step(problem, sbs.TorchAmalgamation(problem), dtype)
-      flops = flops()
+      run, compiled = sbs.jax_step(problem, sbs.TorchAmalgamation(problem), dtype)
+      flops = sbs.flops(compiled())
       seconds = _median_seconds(run, FLAGS.calls)
       peak = PEAK.get(kind, {}).get(dtype)
       utilisation = f"{flops / seconds / peak:.1%}" if peak else "-"

@@ -124,10 +124,12 @@ def _stacked_bridges(bridge_sets) -> dict:
           for l in range(len(bridge_sets[0].taps))}
 
 
-def jax_inputs(problem: Problem, start: "TorchAmalgamation", dtype: str = "float32"):
+def jax_inputs(problem: Problem, start: "TorchAmalgamation", dtype: str = "float32",
+               teacher_chunk: int = 0):
   """A kamal_jax stage-1 or stage-2 step's spec and host inputs (state, frozen,
-  batch), compute in `dtype`; every trainable starts from `start`'s values (take them
-  before its first step), so both sides compute the same numbers."""
+  batch), compute in `dtype`, its frozen networks run `teacher_chunk` at a time
+  (`Amalgamation.teacher_chunk`); every trainable starts from `start`'s values (take
+  them before its first step), so both sides compute the same numbers."""
   module, variables = _flax(problem.net, dtype)
   module = module.clone(bn_axis_name=train.AXIS)  # trained by the project's step
   frozen, groups = [], {}
@@ -142,7 +144,7 @@ def jax_inputs(problem: Problem, start: "TorchAmalgamation", dtype: str = "float
   spec = amalgamate.Amalgamation(
       net=module, head_sizes=problem.head_sizes,
       bridge_widths=problem.bridge_widths, frozen_bridges=problem.frozen_bridges,
-      selection=start.selection)
+      selection=start.selection, teacher_chunk=teacher_chunk)
   state = train.create_state(
       {"params": {"net": variables["params"], "groups": groups},
        "batch_stats": variables["batch_stats"]},
@@ -150,11 +152,12 @@ def jax_inputs(problem: Problem, start: "TorchAmalgamation", dtype: str = "float
   return spec, state, tuple(frozen), {"image": problem.images}
 
 
-def jax_step(problem: Problem, start: "TorchAmalgamation", dtype: str = "float32"):
-  """A callable running one kamal_jax train step (on every device, state donated,
-  compute in `dtype`; see `jax_inputs`) and returning its metrics, and one returning
-  the step's FLOPs (XLA's cost analysis)."""
-  spec, state, frozen, batch = jax_inputs(problem, start, dtype)
+def jax_step(problem: Problem, start: "TorchAmalgamation", dtype: str = "float32",
+             teacher_chunk: int = 0):
+  """A callable running one kamal_jax train step (on every device, state donated;
+  see `jax_inputs`) and returning its metrics, and one compiling the step anew
+  (XLA's `Compiled`: see `flops` and `memory`)."""
+  spec, state, frozen, batch = jax_inputs(problem, start, dtype, teacher_chunk)
   state, frozen, batch = parallel.replicated(state), parallel.replicated(frozen), \
       parallel.split(batch)
   step = train.train_step(amalgamate.amalgamation_loss, spec)
@@ -167,13 +170,21 @@ def jax_step(problem: Problem, start: "TorchAmalgamation", dtype: str = "float32
     state, metrics = step(state, frozen, batch)
     return jax.block_until_ready(metrics)
 
-  return run, lambda: _flops(step.lower(*shapes))
+  return run, lambda: step.lower(*shapes).compile()
 
 
-def _flops(lowered) -> float:
-  """FLOPs of a lowered program by XLA's cost analysis of its compiled form."""
-  cost = lowered.compile().cost_analysis()
+def flops(compiled) -> float:
+  """FLOPs of a compiled program by XLA's cost analysis."""
+  cost = compiled.cost_analysis()
   return (cost[0] if isinstance(cost, list) else cost).get("flops", float("nan"))
+
+
+def memory(compiled) -> float:
+  """Bytes a compiled program holds on its device while it runs, by XLA's memory
+  analysis: its arguments, outputs and temporaries (donated arguments counted once)."""
+  stats = compiled.memory_analysis()
+  return (stats.argument_size_in_bytes + stats.output_size_in_bytes
+          - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
 
 
 # --- PyTorch -----------------------------------------------------------------------
@@ -311,12 +322,12 @@ def torch_forward(problem: Problem):
 
 def jax_forward(problem: Problem):
   """A callable running one jitted eval-mode forward of the first frozen network,
-  waited for, and one returning its FLOPs (as `jax_step`)."""
+  waited for, and one compiling it (as `jax_step`)."""
   module, variables = _flax(problem.frozen[0][0])
   forward = jax.jit(lambda v, x: module.apply(v, x, train=False))
   variables, x = jax.device_put((variables, problem.images))
   return (lambda: jax.block_until_ready(forward(variables, x)),
-          lambda: _flops(forward.lower(variables, x)))
+          lambda: forward.lower(variables, x).compile())
 
 
 # --- timing ------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from absl import logging
 from kamal_jax import ambiguity, data, evaluate, joint, losses, models, parallel, tasks, train
 from kamal_jax.examples import Examples
 from kamal_jax.models import Bridges, Outputs
-from kamal_jax.teachers import (TeacherStack, map_stacked, stack_variables, stacked_apply,
+from kamal_jax.teachers import (TeacherStack, stack_variables, stacked_apply,
                                 sub_stacks)
 
 __all__ = ["Amalgamation", "amalgamation_loss", "batches", "component_frozen",
@@ -79,6 +79,7 @@ class Amalgamation:
   logit_loss: str = "mse"  # 'mse' (the method) or 'kd'
   kd_temperature: float = 4.0
   rest: str = "none"  # 'none', or the targets carry a rest logit: joint.RESTS
+  teacher_chunk: int = 0  # frozen networks run per traced body (`map_stacked`); 0: all
 
 
 LOGIT_LOSSES = {
@@ -93,13 +94,17 @@ def _train_apply(module: nn.Module, params, batch_stats, x):
   return outputs, updates.get("batch_stats", {})
 
 
-def _bridge(widths, bridge_params, feats, stacked_feats: bool) -> tuple:
-  """K bridge sets on features: stacked feats [K, B, ...] map one to one; shared
-  feats [B, ...] go through every set. Returns ([K, B, H, W, c] per tap)."""
-  apply = lambda p, f: Bridges(widths).apply({"params": p}, f)
-  if stacked_feats:
-    return map_stacked(apply, bridge_params, feats, in_step=True)
-  return map_stacked(lambda p: apply(p, feats), bridge_params, in_step=True)
+def _bridge(bridge_params, feats, stacked_feats: bool) -> tuple:
+  """K bridge sets (`Bridges` parameters, per tap a kernel [K, 1, 1, D, c]) on
+  features: stacked feats [K, B, H, W, D] map one to one; shared feats [B, H, W, D]
+  go through every set. Returns ([K, B, H, W, c] per tap).
+
+  A bridge is a 1x1 convolution, so K of them are one batched matrix product per tap:
+  one operation whatever K is, where K convolutions (unrolled, or grouped by vmap)
+  grow the program with K."""
+  kernels = [bridge_params[f"tap{l}"]["kernel"][:, 0, 0] for l in range(len(feats))]  # [K, D, c]
+  pattern = "kbhwd,kdc->kbhwc" if stacked_feats else "bhwd,kdc->kbhwc"
+  return tuple(jnp.einsum(pattern, f, kernel) for f, kernel in zip(feats, kernels))
 
 
 def _feature_mse(predicted: tuple, target: tuple) -> jnp.ndarray:
@@ -118,12 +123,14 @@ def resized(feats: tuple, like: tuple) -> tuple:
   return tuple(one(f, r) for f, r in zip(feats, like))
 
 
-def frozen_outputs(stack: FrozenStack, x, outputs) -> Outputs:
+def frozen_outputs(stack: FrozenStack, x, outputs, chunk: int = 0) -> Outputs:
   """A frozen stack's eval-mode outputs on x, [K_s, B, ...]: read from `outputs` (the
   batch's 'frozen' entry for the stack, [B, K_s, ...], computed before the stage)
-  where given, else run (no gradient flows into them)."""
+  where given, else run (no gradient flows into them), `chunk` networks at a time
+  (`map_stacked`)."""
   if outputs is None:
-    return jax.lax.stop_gradient(stacked_apply(stack.module, stack.nets, x, in_step=True))
+    return jax.lax.stop_gradient(
+        stacked_apply(stack.module, stack.nets, x, in_step=True, chunk=chunk))
   return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), outputs)
 
 
@@ -136,14 +143,14 @@ def _frozen_targets(spec: Amalgamation, params, group: tuple[FrozenStack, ...], 
   ([B, K_s, ...]), or None to run them."""
   logits, targets, weight_norm = [], [], jnp.zeros(())
   for s, stack in enumerate(group):
-    out = frozen_outputs(stack, x, None if outputs is None else outputs[s])
+    out = frozen_outputs(stack, x, None if outputs is None else outputs[s], spec.teacher_chunk)
     if spec.rest != "none":
       logits.append(joint.rest_logit(out.logits, stack.index, stack.outside))
     else:
       logits.append(jnp.take_along_axis(out.logits, stack.index[:, None, :], axis=-1))
     if spec.frozen_bridges:
       bridges = params["frozen_bridges"][s]
-      targets.append(_bridge(spec.bridge_widths, bridges, out.feats, True))
+      targets.append(_bridge(bridges, out.feats, True))
       kernels = jax.tree.leaves(bridges)  # per tap [K_s, 1, 1, D, c]
       weight_norm += sum(jnp.sum(jax.vmap(losses.weight_norm_penalty)(k)) for k in kernels)
     else:
@@ -169,7 +176,7 @@ def _group_loss(spec: Amalgamation, params, group: tuple[FrozenStack, ...], x, l
   weights = ambiguity.weights(spec.selection, amb, key=key, correct=correct,
                               temperature=spec.temperature)  # [B, K]
 
-  predicted = _bridge(spec.bridge_widths, params["net_bridges"], feats, False)
+  predicted = _bridge(params["net_bridges"], feats, False)
   feature = _feature_mse(predicted, targets)  # [K, B]
   scaled = params["logit_scale"][:, None, None] * logits[None]  # [K, B, H]
   regressed = target[..., :logits.shape[-1]]  # the part's logits (and the rest)
@@ -302,7 +309,8 @@ def settings(cfg: ml_collections.ConfigDict) -> dict:
   return dict(bridge_widths=tuple(cfg.bridge_widths), selection=cfg.selection,
               ambiguity=cfg.ambiguity, temperature=cfg.temperature,
               weight_norm=cfg.weight_norm, feature_weight=cfg.feature_weight,
-              logit_loss=cfg.logit_loss, kd_temperature=cfg.kd_temperature, rest=cfg.rest)
+              logit_loss=cfg.logit_loss, kd_temperature=cfg.kd_temperature, rest=cfg.rest,
+              teacher_chunk=cfg.teacher_chunk)
 
 
 def group_frozen(plan: tasks.AmalgamationPlan, pool: list[TeacherStack],

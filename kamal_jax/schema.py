@@ -268,6 +268,9 @@ FIELDS: tuple[Field, ...] = (
     Field("stage1.kd_temperature", Number(0, open_low=True), "The kd loss's temperature."),
     Field("stage1.rest", Choice(("none", *joint.RESTS)),
           "The rest logit components learn: the teachers' mass outside the part."),
+    Field("stage1.teacher_chunk", Integer(0),
+          "Frozen networks a step runs per traced body: a group of more loops over "
+          "chunks of this many, so compile time stays flat in its size (0: all in one)."),
     *_optimizer("stage1"),
     Field("stage2.steps", Integer(), "Steps of the student."),
     Field("stage2.batch_size", Integer(), "Its global batch size."),

@@ -126,25 +126,44 @@ def stack_way(in_step: bool) -> str:
   return "unroll" if in_step else "loop"
 
 
-def map_stacked(fn: Callable, *stacked, in_step: bool, way: str | None = None) -> Any:
+def map_stacked(fn: Callable, *stacked, in_step: bool, way: str | None = None,
+                chunk: int = 0) -> Any:
   """`fn` over the K slices of stacked arguments (every leaf [K, ...]), outputs
   stacked back to [K, ...]: `jax.vmap(fn)` in meaning, however it runs.
 
   `in_step`: whether `fn` runs in every train step (it picks the way; see
   `stack_way`). `way` overrides the pick: 'vmap', 'unroll' (K calls at trace time)
   or 'loop' (`lax.map`). Every way is one program, compiled once.
+
+  `chunk` > 0 with K > chunk: the K slices run `chunk` at a time (each chunk in the
+  way picked) in a `lax.scan` over chunks, the K % chunk left after them as one more
+  chunk, so the program holds at most two copies of the chunk's work whatever K is:
+  its compile time and its live memory follow the chunk, not K.
   """
   way = way or stack_way(in_step)
+  count = jax.tree.leaves(stacked)[0].shape[0]
+  if 0 < chunk < count:
+    looped = count // chunk * chunk
+    head = jax.tree.map(lambda leaf: leaf[:looped].reshape(
+        (count // chunk, chunk) + leaf.shape[1:]), stacked)  # [K // chunk, chunk, ...]
+    head = jax.lax.map(lambda args: map_stacked(fn, *args, in_step=in_step, way=way), head)
+    head = jax.tree.map(lambda leaf: leaf.reshape((looped,) + leaf.shape[2:]), head)
+    if looped == count:
+      return head
+    tail = map_stacked(fn, *jax.tree.map(lambda leaf: leaf[looped:], stacked),
+                       in_step=in_step, way=way)
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), head, tail)
   if way == "vmap":
     return jax.vmap(fn)(*stacked)
   if way == "loop":
     return jax.lax.map(lambda args: fn(*args), stacked)
-  count = jax.tree.leaves(stacked)[0].shape[0]
   outputs = [fn(*jax.tree.map(lambda leaf: leaf[k], stacked)) for k in range(count)]
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
 
 
-def stacked_apply(module: nn.Module, variables, x: jnp.ndarray, in_step: bool) -> Outputs:
+def stacked_apply(module: nn.Module, variables, x: jnp.ndarray, in_step: bool,
+                  chunk: int = 0) -> Outputs:
   """Eval-mode outputs of K stacked networks on one batch: logits [K, B, C] and
-  feats ([K, B, H, W, D] per tap). `in_step`: see `stack_way`."""
-  return map_stacked(lambda v: module.apply(v, x, train=False), variables, in_step=in_step)
+  feats ([K, B, H, W, D] per tap). `in_step`, `chunk`: see `map_stacked`."""
+  return map_stacked(lambda v: module.apply(v, x, train=False), variables, in_step=in_step,
+                     chunk=chunk)

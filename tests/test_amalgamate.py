@@ -113,6 +113,19 @@ def test_outputs_computed_before_the_stage_give_the_same_step(stage1):
   np.testing.assert_allclose(metrics["0/ambiguity"], [np.log(3)] * 2, rtol=1e-5)
 
 
+def test_a_group_run_in_chunks_takes_the_step_of_one_run_at_once(tiny):
+  """Five teachers, two per traced body: a loop of two chunks, then the fifth."""
+  stack = _teacher_stack(tiny, (50.0, 0.0, 5.0, 20.0, 1.0))
+  spec, frozen, state = _stage1(tiny, stack)
+  devices = jax.local_devices()
+  at_once = _run(_step(spec), state, frozen, IMAGES, devices)
+  chunked = _run(_step(dataclasses.replace(spec, teacher_chunk=2)), state, frozen, IMAGES,
+                 devices)
+  chex.assert_trees_all_close(chunked, at_once, atol=1e-6, rtol=1e-5)
+  selected = at_once[1]["0/selected_fraction"]  # [5]
+  assert selected[1] == 0 and np.isclose(selected.sum(), 1)  # never the uniform teacher
+
+
 def _unchanged(before, after, k):
   """Whether teacher k's entries of every [K, ...] leaf are unchanged."""
   return all(np.array_equal(a[k], b[k]) for a, b in

@@ -104,10 +104,12 @@ def test_stacked_networks_give_the_same_outputs_every_way():
   keys = jax.random.split(jax.random.key(0, impl="rbg"), 3)
   variables = jax.jit(jax.vmap(lambda k: module.init(k, x[:1])))(keys)
   apply = lambda v: module.apply(v, x)
-  outputs = {way: jax.jit(lambda v, way=way: teachers.map_stacked(
-      apply, v, in_step=False, way=way))(variables) for way in teachers.WAYS}
+  outputs = {(way, chunk): jax.jit(lambda v, way=way, chunk=chunk: teachers.map_stacked(
+      apply, v, in_step=False, way=way, chunk=chunk))(variables)
+             for way in teachers.WAYS for chunk in (0, 2)}  # 2: a loop of one chunk, a tail
+  outputs["unroll"] = outputs.pop(("unroll", 0))
   assert outputs["unroll"].logits.shape == (3, 4, 4)
-  for way in ("vmap", "loop"):
+  for way in outputs:
     for a, b in zip(jax.tree.leaves(outputs["unroll"]), jax.tree.leaves(outputs[way])):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(outputs["unroll"].logits[1], module.apply(
