@@ -16,13 +16,19 @@ from these label sets, not written here.
   --config=configs/digits.py:uneven   uneven label sets: parts of four and two
       classes, three teachers in one group and one in the other, and auxiliary
       classes (6, 7) that teachers of both parts know.
+  --config=configs/digits.py:zoo      a model zoo: 12 teachers per part, each the part
+      and one or two auxiliary classes, of either domain (as in :domains), half of
+      them trained for a tenth of the budget; a group of 12 runs its teachers in
+      chunks (stage1.teacher_chunk), and which teacher each image learns from decides
+      the component. Shorter stages keep its seeded table under 30 minutes.
 (`:domains` is short for `:variant=domains`, see configs/arguments.py.)
 """
 import ml_collections
 
 from kamal_jax.configs import arguments
 
-VARIANTS = ("default", "domains", "uneven")
+VARIANTS = ("default", "domains", "uneven", "zoo")
+ZOO_EXTRAS = (("6",), ("7",), ("8",), ("9",), ("6", "7"), ("8", "9"))  # per part, per domain
 
 
 def optimizer(learning_rate, bridge_learning_rate=None, name="adam", weight_decay=0.0,
@@ -71,6 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # torchvision-named PyTorch ResNet whose logits follow the label set's order}).
   c.teacher_models = ml_collections.ConfigDict()
   c.teacher_checkpoints = ml_collections.ConfigDict()
+  # Teachers trained for another number of steps than teacher_training.steps.
+  c.teacher_steps = ml_collections.ConfigDict()
 
   c.models = ml_collections.ConfigDict(dict(
       # Components share the teachers' architecture; the student is wider than one
@@ -132,4 +140,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.teachers = ml_collections.ConfigDict(dict(
         t1=("0", "1", "2", "3", "6"), t2=("0", "1", "2", "3", "7"),
         t3=("0", "1", "2", "3", "8", "9"), t4=("4", "5", "6", "7")))
+  if variant == "zoo":
+    c.data.domains = ("original", "shuffled")
+    zoo = {f"{part}{domain[0]}{n}": (*classes, *extra)
+           for part, classes in (("a", ("0", "1", "2")), ("b", ("3", "4", "5")))
+           for domain in c.data.domains for n, extra in enumerate(ZOO_EXTRAS)}
+    c.teachers = ml_collections.ConfigDict(zoo)
+    c.teacher_domains = ml_collections.ConfigDict(
+        {name: "original" if name[1] == "o" else "shuffled" for name in zoo})
+    c.teacher_training.steps = 150
+    c.teacher_steps = ml_collections.ConfigDict(  # the poor half: a tenth of the budget
+        {name: 15 for name in zoo if int(name[2:]) % 2})
+    c.stage1.rest = "own"  # specialists of two domains: see :domains
+    for stage in (c.stage1, c.stage2):
+      stage.steps = 200
   return c

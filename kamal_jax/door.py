@@ -3,7 +3,9 @@ written, each naming the field and the fix (`validate`: the config alone, agains
 its schema; `check_workdir`: the workdir and the config it was started with;
 `check_teachers`: the teachers' label sets against the dataset; `check_fit`: batch
 sizes against the pools and the networks' shapes against the bridges)."""
+import functools
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -15,8 +17,9 @@ from flax import traverse_util
 
 from kamal_jax import files, models, parallel, schema
 
-__all__ = ["backbone", "BRIDGED", "CADENCE", "check_fit", "check_teachers", "check_workdir",
-           "config_drift", "lock_workdir", "validate", "workdir_for"]
+__all__ = ["AMALGAMATING", "available_memory", "backbone", "BRIDGED", "CADENCE", "check_fit",
+           "check_memory", "check_teachers", "check_workdir", "config_drift", "lock_workdir",
+           "stage1_memory", "validate", "workdir_for"]
 
 
 def validate(config: ml_collections.ConfigDict):
@@ -54,12 +57,89 @@ def check_fit(config: ml_collections.ConfigDict, networks: dict, example: np.nda
   if config.pipeline not in BRIDGED:
     return
   widths = tuple(config.stage1.bridge_widths)
-  for name, module in networks.items():
+  firsts = {}  # each architecture once, under the first name it has: a pool of many
+  for name, module in networks.items():  # teachers holds few architectures
+    firsts.setdefault(module, name)
+  for module, name in firsts.items():
     taps = models.tap_widths(module, example)
     if len(taps) != len(widths):
       raise ValueError(f"stage1.bridge_widths={widths} has {len(widths)} widths, but "
                        f"{name} ({type(module).__name__}) has {len(taps)} feature taps "
                        f"on {example.shape[1]}x{example.shape[2]} images: give one per tap.")
+
+
+def _bytes(tree) -> int:
+  return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+def stage1_memory(config: ml_collections.ConfigDict, groups: dict[str, list], example,
+                  batch_size: int) -> dict:
+  """What the largest stage-1 step holds, estimated from shapes: {'group', 'bytes'
+  (on the machine), 'weights', 'taps'} (bytes) of the group that holds most.
+
+  groups: part name -> the modules of its teachers, one per teacher. Every device
+  holds the group's teachers' variables, their bridge sets with their gradients and
+  Adam moments, and, for its rows of `batch_size`, each teacher's feature taps
+  and their images through both bridge sets, float32: the stacked taps grow with K,
+  whatever stage1.teacher_chunk is (benchmarks/stage1_scaling.py). On CPU the devices
+  share the host's memory."""
+  devices = jax.local_device_count()
+  rows = -(-batch_size // jax.device_count())  # this device's rows
+  widths = tuple(config.stage1.bridge_widths)
+
+  @functools.cache
+  def per_teacher(module) -> tuple[int, int]:
+    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), example, train=False))
+    taps = jax.eval_shape(lambda v: module.apply(v, example, train=False).feats, variables)
+    bridges = sum(t.shape[-1] * c for t, c in zip(taps, widths))  # both sides, about
+    pixels = [int(np.prod(t.shape[1:3])) for t in taps]
+    floats = sum(p * (t.shape[-1] + 2 * c) for p, t, c in zip(pixels, taps, widths))
+    return _bytes(variables) + 2 * 4 * 4 * bridges, 4 * floats
+
+  largest = None
+  for part, modules in groups.items():
+    weights = sum(per_teacher(m)[0] for m in modules)
+    taps = rows * sum(per_teacher(m)[1] for m in modules)
+    estimate = {"group": part, "weights": weights, "taps": taps,
+                "bytes": devices * (weights + taps)}
+    if largest is None or estimate["bytes"] > largest["bytes"]:
+      largest = estimate
+  return largest
+
+
+def available_memory() -> int:
+  """Bytes free for a run: the host's available memory on CPU, else one device's."""
+  if jax.default_backend() == "cpu":
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit", 0) * jax.local_device_count() or 2**62
+
+
+# The stage whose step runs a group's teachers, per pipeline (single_stage: every group's).
+AMALGAMATING = {"two_stage": "stage1", "single_stage": "stage2"}
+
+
+def check_memory(config: ml_collections.ConfigDict, groups: dict[str, list], example,
+                 available: int, train_stages):
+  """Refuses a run that would train a stage whose step does not fit in `available`
+  bytes (`stage1_memory`; the single stage runs every group's teachers at once), with
+  the estimate and the settings that shrink it."""
+  stage = AMALGAMATING.get(config.pipeline)
+  if stage not in train_stages:
+    return
+  if config.pipeline == "single_stage":
+    groups = {"every part": [module for modules in groups.values() for module in modules]}
+  batch_size = schema.value_at(config, f"{stage}.batch_size")
+  need = stage1_memory(config, groups, example, batch_size)
+  if need["bytes"] > available:
+    gb = lambda b: f"{b / 2**30:.2f} GB"
+    teachers = len(groups[need["group"]])
+    raise ValueError(
+        f"{stage} of part {need['group']!r} ({teachers} teachers) needs about "
+        f"{gb(need['bytes'])} ({gb(need['weights'])} of teachers and bridges and "
+        f"{gb(need['taps'])} of their taps at {stage}.batch_size={batch_size}, per "
+        f"device, on {jax.local_device_count()} devices) and {gb(available)} are free: "
+        f"lower {stage}.batch_size, or amalgamate fewer teachers per part.")
 
 
 # Config fields that change how often a run logs and checkpoints, or what it exports,
@@ -144,7 +224,7 @@ def check_teachers(config: ml_collections.ConfigDict, class_names, spaces: dict)
     raise ValueError(f"Teacher classes {unknown[:10]} are not classes of dataset "
                      f"{config.data.name!r} ({len(class_names)} classes, e.g. "
                      f"{list(class_names[:10])}): fix the teachers' label sets.")
-  for field in ("teacher_domains", "teacher_models", "teacher_checkpoints"):
+  for field in ("teacher_domains", "teacher_models", "teacher_checkpoints", "teacher_steps"):
     strangers = sorted(set(config[field]) - set(spaces))
     if strangers:
       raise ValueError(f"{field} names {strangers}, which are not teachers "

@@ -35,6 +35,16 @@ def _from_labels(run: "Run", name: str, step: str, module, space: tasks.LabelSpa
   return Network(module, run.fit(stage, step), sizes)
 
 
+def _teacher_training(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """config.teacher_training, for `name` trained config.teacher_steps[name] steps
+  where it is named."""
+  if name not in config.teacher_steps:
+    return config.teacher_training
+  cfg = config.teacher_training.copy_and_resolve_references()
+  cfg.steps = config.teacher_steps[name]
+  return cfg
+
+
 def train_teachers(run: "Run") -> Networks:
   """The pool, one stack per architecture: imported teachers as they are; the others
   trained from labels, each on the images of its own classes in its own domain
@@ -51,7 +61,7 @@ def train_teachers(run: "Run") -> Networks:
           run.config.models, module.num_outputs) else {}
       members = [dataclasses.replace(t, variables=_from_labels(
           run, f"{prefix}/{t.name}", "teachers", module, t.label_space, run.teacher_domain(t.name),
-          run.config.teacher_training, **start).variables) for t in members]
+          _teacher_training(run.config, t.name), **start).variables) for t in members]
     pool.append(teachers.stack(members))
   return Networks(pool)
 

@@ -204,6 +204,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> R
                           "the components": models.teacher(config.models, 1),
                           "the student": models.student(config.models, 1)},
                  run.images(train_indices[:1]), _pool_sizes(run), len(test_indices))
+  door.check_memory(config, {g.part.name: [sources[n].module for n in g.teachers]
+                             for g in plan.groups},
+                    run.images(train_indices[:1]), door.available_memory(), train_stages)
   # The workdir is touched only once the config has passed every check above.
   with files.writing(workdir):
     workdir.mkdir(parents=True, exist_ok=True)

@@ -238,6 +238,8 @@ FIELDS: tuple[Field, ...] = (
           "models.teacher."),
     Field("teacher_checkpoints", Mapping(Text(nonempty=True)), "Teachers imported, not "
           "trained: name -> a torchvision-named ResNet (.pth or .safetensors)."),
+    Field("teacher_steps", Mapping(Integer()), "Teachers trained for another number of "
+          "steps than teacher_training.steps: name -> steps."),
     Field("models.teacher", Model(), "The teachers' and the components' architecture."),
     Field("models.teacher_width_scale", Number(0, 64, open_low=True),
           "Scales every width of models.teacher."),

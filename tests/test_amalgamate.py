@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kamal_jax import amalgamate, evaluate, joint, models, parallel, teachers, train
+from kamal_jax import amalgamate, door, evaluate, joint, models, parallel, teachers, train
 
 BATCH = 16
 IMAGES = np.random.default_rng(0).uniform(size=(BATCH, 8, 8, 1)).astype(np.float32)
@@ -113,10 +113,14 @@ def test_outputs_computed_before_the_stage_give_the_same_step(stage1):
   np.testing.assert_allclose(metrics["0/ambiguity"], [np.log(3)] * 2, rtol=1e-5)
 
 
-def test_a_group_run_in_chunks_takes_the_step_of_one_run_at_once(tiny):
+@pytest.fixture(scope="module")
+def five_teachers(tiny):
+  return _stage1(tiny, _teacher_stack(tiny, (50.0, 0.0, 5.0, 20.0, 1.0)))
+
+
+def test_a_group_run_in_chunks_takes_the_step_of_one_run_at_once(five_teachers):
   """Five teachers, two per traced body: a loop of two chunks, then the fifth."""
-  stack = _teacher_stack(tiny, (50.0, 0.0, 5.0, 20.0, 1.0))
-  spec, frozen, state = _stage1(tiny, stack)
+  spec, frozen, state = five_teachers
   devices = jax.local_devices()
   at_once = _run(_step(spec), state, frozen, IMAGES, devices)
   chunked = _run(_step(dataclasses.replace(spec, teacher_chunk=2)), state, frozen, IMAGES,
@@ -124,6 +128,20 @@ def test_a_group_run_in_chunks_takes_the_step_of_one_run_at_once(tiny):
   chex.assert_trees_all_close(chunked, at_once, atol=1e-6, rtol=1e-5)
   selected = at_once[1]["0/selected_fraction"]  # [5]
   assert selected[1] == 0 and np.isclose(selected.sum(), 1)  # never the uniform teacher
+
+
+def test_the_doors_stage_1_estimate_is_near_xlas_memory_analysis(tiny, five_teachers):
+  """Per device: the group's teachers, bridges and taps against what the compiled step
+  holds (its arguments, outputs and temporaries), beside the trained network's share."""
+  spec, frozen, state = five_teachers
+  devices = tuple(jax.local_devices())
+  step = _step(spec).lower(parallel.replicated(state, devices), parallel.replicated(frozen, devices),
+                           parallel.split({"image": IMAGES}, devices)).compile()
+  held = step.memory_analysis()
+  xla = (held.argument_size_in_bytes + held.output_size_in_bytes - held.alias_size_in_bytes
+         + held.temp_size_in_bytes)
+  estimate = door.stage1_memory(tiny, {"part": [frozen[0][0].module] * 5}, IMAGES[:1], BATCH)
+  assert 0.5 < estimate["bytes"] / len(devices) / xla < 1.5, (estimate, xla)
 
 
 def _unchanged(before, after, k):

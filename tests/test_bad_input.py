@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch_nets import random_net
 
 import tiny_config
-from kamal_jax import data, main, pipeline
+from kamal_jax import data, door, main, pipeline
 
 TINY = "tests/tiny_config.py"
 
@@ -222,6 +222,31 @@ def test_a_part_with_one_teacher_warns_and_runs(tiny, tmp_path, caplog):
     pass
   assert [g.teachers for g in run.plan.groups] == [("t1",), ("t3", "t4")]
   assert "Part 'part1' has one teacher (t1)" in caplog.text
+
+
+def test_a_stage_1_that_would_not_fit_is_refused_with_its_estimate(tmp_path, data_dir,
+                                                                  capsys, monkeypatch):
+  """A pool of 1,000 tiny teachers (500 per part) on a machine with 100 MiB free."""
+  monkeypatch.setattr(door, "available_memory", lambda: 100 * 2**20)
+  config = tmp_path / "pool.py"
+  config.write_text(textwrap.dedent(f"""
+      import tiny_config
+      def get_config():
+        c = tiny_config.get_config({data_dir!r})
+        c.teachers = {{f"{{part}}{{n}}": (*classes, str(6 + n % 4)) for n in range(500)
+                      for part, classes in (("a", ("0", "1", "2")), ("b", ("3", "4", "5")))}}
+        c.stage1.batch_size = 64
+        return c
+      """))
+  workdir = tmp_path / "run"
+  assert _cli(f"--config={config}", f"--workdir={workdir}") == 2
+  err = capsys.readouterr().err  # (and tfds's progress where this test built the data)
+  error, = [line for line in err.splitlines() if line.startswith("kamal-jax:")]
+  assert "Traceback" not in err
+  assert re.fullmatch(r"kamal-jax: error: stage1 of part 'part\d' \(500 teachers\) needs about "
+                      r"[\d.]+ GB .* and 0.10 GB are free: lower stage1.batch_size, or "
+                      r"amalgamate fewer teachers per part.", error), error
+  assert not workdir.exists()
 
 
 def test_non_finite_loss_names_the_stage_and_step_and_keeps_no_bad_checkpoint(

@@ -1,7 +1,8 @@
 """Transfer bridges: one bias-free 1x1 convolution per feature tap.
 
 A stack of K bridge sets (one per teacher or component) is a Bridges parameter tree
-with a leading K axis, initialised and applied with `jax.vmap`.
+with a leading K axis, initialised with `jax.vmap`; a stage applies all K at once as
+one batched matrix product per tap (`amalgamate._bridge`).
 """
 from typing import Sequence
 
