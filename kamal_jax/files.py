@@ -69,6 +69,12 @@ class WorkdirBusy(Exception):
   """Another run holds the workdir's lock."""
 
 
+def _record(file) -> str:
+  """The holder's record in an open lock file."""
+  file.seek(0)
+  return file.read().strip() or "another process"
+
+
 def holder(workdir: Path) -> str | None:
   """Who holds `workdir`'s lock now (its record), or None; writes nothing. The
   kernel drops an flock with its process, so a record left by a killed run reads as
@@ -81,7 +87,7 @@ def holder(workdir: Path) -> str | None:
     try:
       fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-      return file.read().strip() or "another process"
+      return _record(file)
   return None
 
 
@@ -94,8 +100,7 @@ def lock_workdir(workdir: Path):
   try:
     fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
-    file.seek(0)
-    record = file.read().strip() or "another process"
+    record = _record(file)
     file.close()
     raise WorkdirBusy(record) from None
   since = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")

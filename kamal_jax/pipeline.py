@@ -200,13 +200,14 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path, train_stages) -> R
   domains = data.assign_domains(len(dataset.labels), tuple(config.data.domains), config.seed)
   run = Run(config, workdir, dataset, domains, train_indices, test_indices, plan, sources,
             tuple(stacks), None, tuple(train_stages), backbone)
+  example = run.images(train_indices[:1])
   door.check_fit(config, {**{f"teacher {n}": t.module for n, t in sources.items()},
                           "the components": models.teacher(config.models, 1),
                           "the student": models.student(config.models, 1)},
-                 run.images(train_indices[:1]), _pool_sizes(run), len(test_indices))
+                 example, _pool_sizes(run), len(test_indices))
   door.check_memory(config, {g.part.name: [sources[n].module for n in g.teachers]
                              for g in plan.groups},
-                    run.images(train_indices[:1]), door.available_memory(), train_stages)
+                    example, door.available_memory(), train_stages)
   # The workdir is touched only once the config has passed every check above.
   with files.writing(workdir):
     workdir.mkdir(parents=True, exist_ok=True)
