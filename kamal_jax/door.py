@@ -57,8 +57,10 @@ def check_fit(config: ml_collections.ConfigDict, networks: dict, example: np.nda
   if config.pipeline not in BRIDGED:
     return
   widths = tuple(config.stage1.bridge_widths)
-  firsts = {}  # each architecture once, under the first name it has: a pool of many
-  for name, module in networks.items():  # teachers holds few architectures
+  # Each architecture once, under the first name it has: a pool of many teachers
+  # holds few architectures.
+  firsts = {}
+  for name, module in networks.items():
     firsts.setdefault(module, name)
   for module, name in firsts.items():
     taps = models.tap_widths(module, example)
