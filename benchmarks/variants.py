@@ -37,6 +37,8 @@ flags.DEFINE_string("out", None, "Markdown table to write (plot and JSON beside 
 flags.DEFINE_list("variants", list(bench.VARIANTS), "Variants to run.")
 flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds.")
 flags.DEFINE_bool("update", False, "Run only --variants; keep the other rows of --out.")
+flags.DEFINE_string("why", "", "With --update: why these rows were rerun, for the header "
+                    "(e.g. which rows a new default leaves as they were measured).")
 flags.DEFINE_string("compilation_cache", "~/.cache/kamal_jax/jax",
                     "JAX persistent compilation cache directory; '' turns it off.")
 flags.mark_flags_as_required(["config", "workdir", "out"])
@@ -63,7 +65,8 @@ def main(argv):
                 if line.startswith(("Command:", "Date:", "Updated:"))]
     provenance = previous + [
         f"Updated: rows {', '.join(FLAGS.variants)} by `python {' '.join(sys.argv)}` on "
-        f"{datetime.date.today()} ({minutes:.1f} min); the other rows as before.  "]
+        f"{datetime.date.today()} ({minutes:.1f} min); the other rows as before"
+        + (f": {FLAGS.why}" if FLAGS.why else "") + ".  "]
     values = bench.merged(old, values)
   header = "\n".join([
       f"# {out.stem}: variants over seeds",

@@ -99,14 +99,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       selection="least",  # least | none | random | soft | oracle (uses labels)
       ambiguity="entropy",  # entropy | margin | max_prob
       temperature=1.0,  # of the soft rule: weights softmax(-ambiguity / T)
+      # A teacher's selection score adds to its ambiguity this times how unlike its
+      # training images the image is (nats, from its stem batch norm's statistics;
+      # kamal_jax.ambiguity.atypicality): a teacher sure about an image of a kind it
+      # never saw is not chosen. 0: the paper's score.
+      atypicality_weight=1.0,
       bridge_widths=(8, 8, 16, 32, 64), weight_norm=1.0,
       feature_weight=1.0,  # 0: logits alone
       logit_loss="mse", kd_temperature=4.0,  # 'kd': KL of softmaxes at that T
       # Components (and the student's heads after them) also learn the teachers'
       # mass outside the part as one more output, which tells the parts apart
-      # (kamal_jax.joint): 'mean' (agreed by the group's teachers), 'own' (each
-      # selected teacher's) or 'none' (the paper's method).
-      rest="mean",
+      # (kamal_jax.joint): 'typical' (agreed by the group's teachers for which the
+      # image is typical, weights softmax(-atypicality / typical_temperature)),
+      # 'mean' (by all of them), 'own' (each selected teacher's) or 'none' (the
+      # paper's method).
+      rest="typical", typical_temperature=0.05,
       # A group of more frozen networks than this runs them in a loop over chunks of
       # this many: one traced body, so compiling does not grow with the group.
       teacher_chunk=4,
@@ -130,10 +137,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.domains = ("original", "shuffled")
     c.teacher_domains = ml_collections.ConfigDict(dict(
         t1="original", t2="shuffled", t3="original", t4="shuffled"))
-    # Specialists of different domains: their agreement on how much of an image is
-    # the part is no evidence (0.68 joint, benchmarks/results/domains_rest.md); the
-    # least ambiguous teacher's own rest is (0.85, as the paper's method).
-    c.stage1.rest = "own"
   if variant == "uneven":
     c.target.parts = ml_collections.ConfigDict(dict(
         part1=("0", "1", "2", "3"), part2=("4", "5")))
@@ -151,7 +154,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.teacher_training.steps = 150
     c.teacher_steps = ml_collections.ConfigDict(  # the poor half: a tenth of the budget
         {name: 15 for name in zoo if int(name[2:]) % 2})
-    c.stage1.rest = "own"  # specialists of two domains: see :domains
     for stage in (c.stage1, c.stage2):
       stage.steps = 200
   return c

@@ -16,11 +16,13 @@ Per group, per teacher k and sample b:
 with z_k the teacher's logits restricted to the part, D the MSE (the method) or a KD
 divergence, and the batch loss mean_b sum_k w[b, k] L[k, b] + lambda * WN(T), where the
 selection rule gives the weights w (one-hot on the least ambiguous teacher for the
-method; see `ambiguity.RULES`).
+method; see `ambiguity.RULES`) from the score amb[k, b] + atypicality_weight * a[k, b]:
+the teacher's ambiguity and how unlike its training images the image is
+(`ambiguity.atypicality`; weight 0: the paper's score).
 
 With a `rest`, z_k carries one more logit, the teacher's mass outside the part
-(`joint.rest_logit`; 'mean': agreed by the group's teachers), which a component
-learns as an extra output.
+(`joint.rest_logit`; 'mean': agreed by the group's teachers, 'typical': by those the
+image is typical for), which a component learns as an extra output.
 
 The frozen networks are a tuple over groups of tuples over stacks of `FrozenStack`
 (the architecture, static, beside its arrays).
@@ -45,7 +47,7 @@ from absl import logging
 from kamal_jax import ambiguity, data, evaluate, joint, losses, models, parallel, tasks, train
 from kamal_jax.examples import Examples
 from kamal_jax.models import Bridges, Outputs
-from kamal_jax.teachers import (TeacherStack, stack_variables, stacked_apply,
+from kamal_jax.teachers import (TeacherStack, atypicality, stack_variables, stacked_apply,
                                 sub_stacks)
 
 __all__ = ["Amalgamation", "amalgamation_loss", "batches", "component_frozen",
@@ -79,6 +81,8 @@ class Amalgamation:
   logit_loss: str = "mse"  # 'mse' (the method) or 'kd'
   kd_temperature: float = 4.0
   rest: str = "none"  # 'none', or the targets carry a rest logit: joint.RESTS
+  typical_temperature: float = 0.05  # of the 'typical' rest, in nats of atypicality
+  atypicality_weight: float = 0.0  # of the atypicality in the selection score
   teacher_chunk: int = 0  # frozen networks run per traced body (`map_stacked`); 0: all
 
 
@@ -138,12 +142,14 @@ def _frozen_targets(spec: Amalgamation, params, group: tuple[FrozenStack, ...], 
                     outputs):
   """The group's frozen networks on x, stack by stack, joined along K: restricted
   logits [K, B, P] ([K, B, P + 1] with the rest logit), feature targets
-  ([K, B, H, W, c] per tap, at the network's tap sizes) and the weight-norm penalty
-  of the frozen-side bridges. `outputs`: the stacks' outputs on x computed beforehand
+  ([K, B, H, W, c] per tap, at the network's tap sizes), how atypical each image is
+  for each network ([K, B], `teachers.atypicality`) and the weight-norm penalty of
+  the frozen-side bridges. `outputs`: the stacks' outputs on x computed beforehand
   ([B, K_s, ...]), or None to run them."""
-  logits, targets, weight_norm = [], [], jnp.zeros(())
+  logits, targets, atypical, weight_norm = [], [], [], jnp.zeros(())
   for s, stack in enumerate(group):
     out = frozen_outputs(stack, x, None if outputs is None else outputs[s], spec.teacher_chunk)
+    atypical.append(atypicality(stack.nets, out))
     if spec.rest != "none":
       logits.append(joint.rest_logit(out.logits, stack.index, stack.outside))
     else:
@@ -156,10 +162,10 @@ def _frozen_targets(spec: Amalgamation, params, group: tuple[FrozenStack, ...], 
     else:
       targets.append(out.feats)
   joined = tuple(jnp.concatenate(taps) for taps in zip(*(resized(t, feats) for t in targets)))
-  logits = jnp.concatenate(logits)
+  logits, atypical = jnp.concatenate(logits), jnp.concatenate(atypical)
   if spec.rest != "none":
-    logits = joint.RESTS[spec.rest](logits)
-  return logits, joined, weight_norm
+    logits = joint.RESTS[spec.rest](logits, atypical, spec.typical_temperature)
+  return logits, joined, atypical, weight_norm
 
 
 def _group_loss(spec: Amalgamation, params, group: tuple[FrozenStack, ...], x, logits, feats,
@@ -168,9 +174,11 @@ def _group_loss(spec: Amalgamation, params, group: tuple[FrozenStack, ...], x, l
   component learns the rest logit too) and its feats; labels [B] (positions in the
   part, -1 outside it) only for the oracle rule; outputs: see `_frozen_targets`.
   Returns (loss, metrics)."""
-  target, targets, weight_norm = _frozen_targets(spec, params, group, x, feats, outputs)
+  target, targets, atypical, weight_norm = _frozen_targets(spec, params, group, x, feats,
+                                                           outputs)
   part_size = group[0].index.shape[-1]
-  amb = ambiguity.get(spec.ambiguity)(target[..., :part_size])  # [K, B]
+  amb = (ambiguity.get(spec.ambiguity)(target[..., :part_size])
+         + spec.atypicality_weight * atypical)  # [K, B]
   correct = None if labels is None else (
       jnp.argmax(target[..., :part_size], axis=-1) == labels[None])  # [K, B]
   weights = ambiguity.weights(spec.selection, amb, key=key, correct=correct,
@@ -190,12 +198,13 @@ def _group_loss(spec: Amalgamation, params, group: tuple[FrozenStack, ...], x, l
       "weight_norm": weight_norm,
       "selected_fraction": jnp.mean(weights, axis=0),  # [K]
       "ambiguity": jnp.mean(amb, axis=1),  # [K]
+      "atypicality": jnp.mean(atypical, axis=1),  # [K]
   }
   return loss, metrics
 
 
 # The per-group metrics with one entry per frozen network of the group ([K]).
-VECTOR_METRICS = ("selected_fraction", "ambiguity")
+VECTOR_METRICS = ("selected_fraction", "ambiguity", "atypicality")
 
 
 def metric_name(g: int, name: str) -> str:
@@ -310,7 +319,8 @@ def settings(cfg: ml_collections.ConfigDict) -> dict:
               ambiguity=cfg.ambiguity, temperature=cfg.temperature,
               weight_norm=cfg.weight_norm, feature_weight=cfg.feature_weight,
               logit_loss=cfg.logit_loss, kd_temperature=cfg.kd_temperature, rest=cfg.rest,
-              teacher_chunk=cfg.teacher_chunk)
+              typical_temperature=cfg.typical_temperature,
+              atypicality_weight=cfg.atypicality_weight, teacher_chunk=cfg.teacher_chunk)
 
 
 def group_frozen(plan: tasks.AmalgamationPlan, pool: list[TeacherStack],
@@ -347,7 +357,7 @@ def _outputs_once(frozen, examples: Examples, batch_size: int, cache_mb: float):
   logging.info("Computing the frozen networks' outputs once: %.0f MB.", megabytes)
   read = lambda at: examples.read(examples.indices[at], None, 0)
   return tuple(tuple(evaluate.predict(stack.module, stack.nets, read, len(examples.indices),
-                                      batch_size, stacked=True, feats=True)
+                                      batch_size, stacked=True, returns="outputs")
                      for stack in group) for group in frozen)
 
 

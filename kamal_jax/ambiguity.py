@@ -2,6 +2,12 @@
 
 Every measure maps logits [..., C] to an ambiguity [...] (larger = less sure), over
 the last axis only, so it serves any leading shape, e.g. [K, B, C] -> [K, B].
+
+Ambiguity reads a teacher's answer; `atypicality` reads whether the image is of the
+kind the teacher learned from at all. A teacher shown an image of another domain (or
+of no class it knows) can be sure and wrong, and least ambiguity then picks exactly
+that teacher; the statistics its stem batch norm recorded over its own training
+images tell it apart. The selection score adds the two (`stage1.atypicality_weight`).
 """
 import dataclasses
 from typing import Callable
@@ -9,7 +15,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["entropy", "get", "margin", "max_prob", "Rule", "RULES", "select", "weights"]
+__all__ = ["atypicality", "entropy", "get", "margin", "max_prob", "Rule", "RULES", "select",
+           "weights"]
 
 
 def entropy(logits: jnp.ndarray) -> jnp.ndarray:
@@ -34,6 +41,33 @@ MEASURES: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
     "margin": margin,
     "max_prob": max_prob,
 }
+
+
+def atypicality(stem: jnp.ndarray, mean: jnp.ndarray, var: jnp.ndarray) -> jnp.ndarray:
+  """How unlike a network's training images each image is, in nats: the KL divergence
+  of the network's recorded input statistics from the image's.
+
+  Per channel d, the image's responses to the stem convolution, over its positions,
+  are fitted by a Gaussian N(mu_d, s_d); the network's stem batch norm recorded
+  N(mean_d, var_d) over its training images. Summed over channels,
+    sum_d KL(N(mu_d, s_d) || N(mean_d, var_d)),
+  0 for an image whose responses look like the training images' on average, growing
+  as they drift (another domain's images: another range, texture or contrast).
+
+  Args:
+    stem: [K, B, H, W, D] the stem convolution's output (a network's first tap).
+    mean, var: [K, D] the running statistics of the batch norm it feeds.
+  Returns:
+    [K, B].
+  """
+  mu = jnp.mean(stem, axis=(2, 3))  # [K, B, D]
+  s = jnp.var(stem, axis=(2, 3)) + BATCH_NORM_EPSILON
+  v = (var + BATCH_NORM_EPSILON)[:, None]
+  m = mean[:, None]
+  return 0.5 * jnp.sum(jnp.log(v / s) + (s + (mu - m) ** 2) / v - 1.0, axis=-1)
+
+
+BATCH_NORM_EPSILON = 1e-5  # as the networks' batch norms add to their variance
 
 
 def get(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:

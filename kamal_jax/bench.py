@@ -28,7 +28,10 @@ class Variant:
 
 VARIANTS = {
     "least-entropy": Variant({}, "the method as configured"),
-    "paper": Variant({"stage1.rest": "none"}, "the paper's method: no rest logit"),
+    "paper": Variant({"stage1.rest": "none", "stage1.atypicality_weight": 0.0},
+                     "the paper's method: least ambiguity alone, no rest logit"),
+    "no-typicality": Variant({"stage1.rest": "mean", "stage1.atypicality_weight": 0.0},
+                             "least ambiguity alone, the group's agreed rest"),
     "rest-mean": Variant({"stage1.rest": "mean"},
                          "components learn their group's agreed rest logit"),
     "rest-own": Variant({"stage1.rest": "own"},

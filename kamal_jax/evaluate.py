@@ -12,38 +12,47 @@ import jax.numpy as jnp
 import numpy as np
 
 from kamal_jax import ambiguity, joint, parallel, tasks
-from kamal_jax.teachers import stacked_apply, take
+from kamal_jax.teachers import atypicality, stacked_apply, take
 from kamal_jax.train.state import count_params
 
-__all__ = ["accuracy", "ensemble_log_probs", "joint_accuracy", "predict", "rule_weights",
-           "run_scores", "score", "selection_stats"]
+__all__ = ["accuracy", "ensemble_log_probs", "joint_accuracy", "predict", "RETURNS",
+           "rule_weights", "run_scores", "score", "selection_stats"]
 
 
-def _outputs(module: nn.Module, stacked: bool, feats: bool, variables, x):
-  """Eval-mode logits [B, C] ([B, K, C] for stacked networks), or with `feats` the
-  Outputs, every array batch first."""
-  if stacked:
-    outputs = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1),
-                           stacked_apply(module, variables, x, in_step=False))
-  else:
+# What `predict` returns: the logits; the Outputs (logits and taps); or, of stacked
+# networks, the logits and how atypical each image is for each (`atypicality`), what
+# the selection reads.
+RETURNS = ("logits", "outputs", "selection")
+
+
+def _outputs(module: nn.Module, stacked: bool, returns: str, variables, x):
+  """Eval-mode outputs as `returns` says, every array batch first: logits [B, C]
+  ([B, K, C] for stacked networks), Outputs, or (logits [B, K, C], atypicality
+  [B, K])."""
+  if not stacked:
     outputs = module.apply(variables, x, train=False)
-  return outputs if feats else outputs.logits
+    return outputs if returns == "outputs" else outputs.logits
+  outputs = stacked_apply(module, variables, x, in_step=False)  # [K, B, ...]
+  batch_first = lambda tree: jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), tree)
+  if returns == "selection":
+    return batch_first((outputs.logits, atypicality(variables, outputs)))
+  return batch_first(outputs if returns == "outputs" else outputs.logits)
 
 
 @functools.cache
-def _predictor(module: nn.Module, stacked: bool, feats: bool):
-  return parallel.data_parallel(functools.partial(_outputs, module, stacked, feats),
+def _predictor(module: nn.Module, stacked: bool, returns: str):
+  return parallel.data_parallel(functools.partial(_outputs, module, stacked, returns),
                                 (parallel.REPLICATED, parallel.SPLIT), parallel.SPLIT)
 
 
 def predict(module: nn.Module, variables, read: Callable[[np.ndarray], np.ndarray],
-            count: int, batch_size: int, stacked: bool = False, feats: bool = False):
+            count: int, batch_size: int, stacked: bool = False, returns: str = "logits"):
   """Logits [N, C] ([N, K, C] for stacked variables) of the images `read(indices)`
-  gives for indices 0..count-1, or with `feats` the Outputs (logits and taps, N
-  first), as host arrays. Fixed-size batches (the last one padded with repeats), so
-  one compiled program serves every batch. In a multi-process run each process reads
-  its rows of every batch and all get every output."""
-  predictor = _predictor(module, stacked, feats)
+  gives for indices 0..count-1, or what else `returns` names (see RETURNS), N first,
+  as host arrays. Fixed-size batches (the last one padded with repeats), so one
+  compiled program serves every batch. In a multi-process run each process reads its
+  rows of every batch and all get every output."""
+  predictor = _predictor(module, stacked, returns)
   variables = parallel.replicated(variables)
   chunks = []
   for start in range(0, count, batch_size):
@@ -58,19 +67,24 @@ def accuracy(logits: np.ndarray, targets: np.ndarray) -> float:
 
 
 @functools.partial(jax.jit, static_argnames=("rule", "measure", "temperature"))
-def _weights(restricted, correct, key, rule: str, measure: str, temperature: float):
-  return ambiguity.weights(rule, ambiguity.get(measure)(restricted), key=key,
-                           correct=correct, temperature=temperature)
+def _weights(restricted, atypical, atypicality_weight, correct, key, rule: str, measure: str,
+             temperature: float):
+  score = ambiguity.get(measure)(restricted) + atypicality_weight * atypical
+  return ambiguity.weights(rule, score, key=key, correct=correct, temperature=temperature)
 
 
 def rule_weights(restricted: np.ndarray, targets: np.ndarray, rule: str, measure: str,
-                 temperature: float = 1.0, seed: int = 0) -> np.ndarray:
+                 temperature: float = 1.0, seed: int = 0, atypical: np.ndarray | None = None,
+                 atypicality_weight: float = 0.0) -> np.ndarray:
   """The weights [N, K] a selection rule gives K teachers' restricted logits
-  [K, N, P], as a stage-1 step computes them. targets [N] (positions in the part,
-  -1 outside) serve the oracle rule; seed the random one."""
+  [K, N, P], as a stage-1 step computes them, the images' atypicality for each
+  teacher ([K, N]) weighing in by atypicality_weight. targets [N] (positions in the
+  part, -1 outside) serve the oracle rule; seed the random one."""
   correct = np.argmax(restricted, axis=-1) == targets[None]  # [K, N]
   keys = jax.random.split(jax.random.key(seed), restricted.shape[1])  # one per image
-  return np.asarray(_weights(restricted, correct, keys, rule, measure, temperature))
+  atypical = np.zeros(restricted.shape[:2], np.float32) if atypical is None else atypical
+  return np.asarray(_weights(restricted, atypical, atypicality_weight, correct, keys, rule,
+                             measure, temperature))
 
 
 def selection_stats(restricted: np.ndarray, weights: np.ndarray, targets: np.ndarray,
@@ -172,24 +186,29 @@ def _restricted(logits: dict[str, np.ndarray], group: tasks.Group) -> np.ndarray
   return np.stack([logits[t][:, index] for t, index in zip(group.teachers, group.index)])
 
 
-def _teacher_logits(run, pool, indices) -> dict:
-  """{teacher name: logits [N, C_t]} on the images at `indices`, each stack in one
-  program."""
-  logits = {}
+def _teachers_on(run, pool, indices) -> tuple[dict, dict]:
+  """({teacher name: logits [N, C_t]}, {teacher name: atypicality [N]}) on the images
+  at `indices`, each stack in one program."""
+  logits, atypical = {}, {}
   for stack in pool:
-    stacked = run.predict(stack.module, stack.variables, indices, stacked=True)  # [N, K, C]
+    stacked, stacked_atypical = run.predict(stack.module, stack.variables, indices,
+                                            stacked=True, returns="selection")  # [N, K, ...]
     logits.update(zip(stack.names, np.swapaxes(stacked, 0, 1)))
-  return logits
+    atypical.update(zip(stack.names, stacked_atypical.T))
+  return logits, atypical
 
 
-def _selection(run, g: int, group: tasks.Group, logits: dict, indices: np.ndarray) -> dict:
+def _selection(run, g: int, group: tasks.Group, logits: dict, atypical: dict,
+               indices: np.ndarray) -> dict:
   """How the configured rule weighs the group's teachers on the given images
-  ({teacher name: logits [N, C_t]} on them)."""
+  ({teacher name: logits [N, C_t]} and {teacher name: atypicality [N]} on them)."""
   cfg = run.config
   restricted = _restricted(logits, group)
   targets = run.labels_in(indices, group.part.classes)
   weights = rule_weights(restricted, targets, cfg.stage1.selection, cfg.stage1.ambiguity,
-                         cfg.stage1.temperature, seed=cfg.seed + g)
+                         cfg.stage1.temperature, seed=cfg.seed + g,
+                         atypical=np.stack([atypical[t] for t in group.teachers]),
+                         atypicality_weight=cfg.stage1.atypicality_weight)
   domains = list(cfg.data.domains)
   teacher_domains = np.array([domains.index(run.teacher_domain(t)) if
                               run.teacher_domain(t) in domains else -1
@@ -204,7 +223,7 @@ def run_scores(run, networks) -> dict:
   (`networks.Networks`): every network scored on the held-out split, with sizes and
   what each component's selection rule chose."""
   plan, pool = run.plan, networks.teachers
-  teacher_logits = _teacher_logits(run, pool, run.test_indices)
+  teacher_logits, teacher_atypical = _teachers_on(run, pool, run.test_indices)
   component_logits = [run.predict(c.module, c.variables, run.test_indices)
                       for c in networks.components] or None
   teacher_params = {n: count_params(take(s.variables, i)["params"])
@@ -227,12 +246,13 @@ def run_scores(run, networks) -> dict:
   # What each component learns from: on its stage-1 pool, and on the test images.
   pools = [run.pool(group.part.classes) for group in plan.groups]
   seen = np.unique(np.concatenate(pools))  # every training image under data.pool='all'
-  seen_logits = _teacher_logits(run, pool, seen)
+  seen_logits, seen_atypical = _teachers_on(run, pool, seen)
   for g, (group, entry, images) in enumerate(zip(plan.groups, result["components"], pools)):
     at = np.searchsorted(seen, images)
     entry.update(_selection(run, g, group, {n: l[at] for n, l in seen_logits.items()},
-                            images))
-    entry["test_selection"] = _selection(run, g, group, teacher_logits, run.test_indices)
+                            {n: a[at] for n, a in seen_atypical.items()}, images))
+    entry["test_selection"] = _selection(run, g, group, teacher_logits, teacher_atypical,
+                                         run.test_indices)
     entry["params"] = (count_params(networks.components[g].variables["params"])
                        if networks.components else None)
   return result

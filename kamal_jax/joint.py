@@ -10,6 +10,7 @@ logits (`rest_logit`), is what makes a part's evidence comparable with another's
   rest_logit    a teacher's logits -> the part's logits and log sum exp of the logits
                 outside the part (its head's other classes): [..., P + 1];
   mean_rest     the rest agreed by a group's teachers (a single teacher's is noisy);
+  typical_rest  agreed by those of them the image is typical for;
   split_heads   heads laid side by side, apart;
   scores,       the joint rule: the class of all the target's, in the order of the
   decide        heads laid side by side.
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["decide", "mean_rest", "REST_FLOOR", "rest_logit", "RESTS", "scores",
-           "split_heads"]
+           "split_heads", "typical_rest"]
 
 # A teacher sure that an image is of its part puts at least e^-REST_FLOOR of that
 # image's mass on the rest: it bounds the rest logit's regression target, and stands
@@ -52,21 +53,39 @@ def _log_part_mass(with_rest: jnp.ndarray) -> jnp.ndarray:
           - jax.nn.logsumexp(with_rest, axis=-1))
 
 
-def mean_rest(with_rest: jnp.ndarray) -> jnp.ndarray:
+def mean_rest(with_rest: jnp.ndarray, weights: jnp.ndarray | None = None) -> jnp.ndarray:
   """[K, B, P + 1] -> the same logits with each network's rest moved so that its part
-  mass is the group's (the geometric mean of the K networks' part masses): the part
-  logits stay each network's own, and every network of the group agrees how much of
-  an image is the part."""
+  mass is the group's: the geometric mean of the K networks' part masses, weighted by
+  `weights` ([K, B], summing to 1 over K; None: equally). The part logits stay each
+  network's own, and every network of the group agrees how much of an image is the
+  part."""
   part = with_rest[..., :-1]
-  mass = jnp.mean(_log_part_mass(with_rest), axis=0)  # [B], log of the agreed mass
+  log_mass = _log_part_mass(with_rest)  # [K, B]
+  mass = (jnp.mean(log_mass, axis=0) if weights is None
+          else jnp.sum(weights * log_mass, axis=0))  # [B], log of the agreed mass
   odds = jnp.log(-jnp.expm1(jnp.minimum(mass, -1e-12))) - mass  # log (1 - m) / m
   rest = jax.nn.logsumexp(part, axis=-1) + jnp.maximum(odds, -REST_FLOOR)  # [K, B]
   return jnp.concatenate([part, rest[..., None]], axis=-1)
 
 
-# How a group's networks' rest logits [K, B, P + 1] become the targets: each its own,
-# or moved to the group's agreed part mass.
-RESTS = {"own": lambda with_rest: with_rest, "mean": mean_rest}
+def typical_rest(with_rest: jnp.ndarray, atypicality: jnp.ndarray,
+                 temperature: float) -> jnp.ndarray:
+  """The rest agreed by the networks for which an image is typical: `mean_rest`
+  weighted by softmax(-atypicality / temperature) over the group ([K, B] in nats, see
+  `ambiguity.atypicality`). Teachers of the image's kind agree; one that never saw
+  such images has no say in how much of it is the part. Not the least ambiguous
+  teacher's: on an image outside the part, that is the teacher most sure it is of
+  the part."""
+  return mean_rest(with_rest, jax.nn.softmax(-atypicality / temperature, axis=0))
+
+
+# How a group's networks' rest logits [K, B, P + 1] become the targets, given how
+# atypical each image is for each network ([K, B]) and the temperature of 'typical':
+# each its own, moved to the group's agreed part mass, or to the part mass agreed by
+# the networks the image is typical for.
+RESTS = {"own": lambda with_rest, atypicality, temperature: with_rest,
+         "mean": lambda with_rest, atypicality, temperature: mean_rest(with_rest),
+         "typical": typical_rest}
 
 
 def split_heads(logits, head_sizes) -> list:

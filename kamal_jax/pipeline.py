@@ -107,10 +107,11 @@ class Run:
     return np.stack([self.labels_in(indices, head.classes) for head in heads], axis=-1)
 
   def predict(self, module, variables, indices: np.ndarray, stacked: bool = False,
-              feats: bool = False):
-    """Logits (or Outputs) of a network (or a stack) on the images at `indices`."""
+              returns: str = "logits"):
+    """Logits (or what else `returns` names: `evaluate.RETURNS`) of a network (or a
+    stack) on the images at `indices`."""
     return evaluate.predict(module, variables, lambda at: self.images(indices[at]),
-                            len(indices), self.config.eval_batch_size, stacked, feats)
+                            len(indices), self.config.eval_batch_size, stacked, returns)
 
   def pool(self, classes) -> np.ndarray:
     """The unlabeled images a stage learns from: every training image by default;

@@ -261,6 +261,9 @@ FIELDS: tuple[Field, ...] = (
           "The ambiguity of a teacher's prediction over the part."),
     Field("stage1.temperature", Number(0, open_low=True),
           "The 'soft' rule's weights: softmax(-ambiguity / temperature)."),
+    Field("stage1.atypicality_weight", Number(0),
+          "Weight of how unlike a teacher's training images an image is (its stem batch "
+          "norm's statistics, in nats) beside the ambiguity (0: the paper's selection)."),
     Field("stage1.bridge_widths", Sequence(Integer(1, 65536), 1),
           "The bridges' width at each feature tap of the networks."),
     Field("stage1.weight_norm", Number(0), "Weight of the frozen-side bridges' penalty."),
@@ -269,7 +272,10 @@ FIELDS: tuple[Field, ...] = (
           "How logits are matched: mse, or kd (KL of softmaxes at kd_temperature)."),
     Field("stage1.kd_temperature", Number(0, open_low=True), "The kd loss's temperature."),
     Field("stage1.rest", Choice(("none", *joint.RESTS)),
-          "The rest logit components learn: the teachers' mass outside the part."),
+          "The rest logit components learn: the teachers' mass outside the part, as "
+          "the selected one's, the group's mean, or the typical teachers' mean."),
+    Field("stage1.typical_temperature", Number(0, open_low=True),
+          "The 'typical' rest weighs teachers by softmax(-atypicality / temperature)."),
     Field("stage1.teacher_chunk", Integer(0),
           "Frozen networks a step runs per traced body: a group of more loops over "
           "chunks of this many, so compile time stays flat in its size (0: all in one)."),

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kamal_jax import tasks
+from kamal_jax import ambiguity, models, tasks
 from kamal_jax.models import Outputs
 
-__all__ = ["imported", "map_stacked", "stack", "stack_order", "stack_variables",
+__all__ = ["atypicality", "imported", "map_stacked", "stack", "stack_order", "stack_variables",
            "stack_way", "stacked_apply", "sub_stacks", "take", "Teacher", "TeacherStack",
            "WAYS"]
 
@@ -167,3 +167,13 @@ def stacked_apply(module: nn.Module, variables, x: jnp.ndarray, in_step: bool,
   feats ([K, B, H, W, D] per tap). `in_step`, `chunk`: see `map_stacked`."""
   return map_stacked(lambda v: module.apply(v, x, train=False), variables, in_step=in_step,
                      chunk=chunk)
+
+
+def atypicality(variables, outputs: Outputs) -> jnp.ndarray:
+  """[K, B]: how unlike each stacked network's training images each image is
+  (`ambiguity.atypicality`), from their outputs on the batch ([K, B, ...]); zeros for
+  networks without a stem batch norm (`models.stem_statistics`)."""
+  stats = models.stem_statistics(variables)
+  if stats is None:
+    return jnp.zeros(outputs.logits.shape[:2])
+  return ambiguity.atypicality(outputs.feats[0], *stats)

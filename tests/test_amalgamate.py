@@ -101,7 +101,7 @@ def test_outputs_computed_before_the_stage_give_the_same_step(stage1):
   spec, frozen, state = stage1
   stack = frozen[0][0]
   outputs = evaluate.predict(stack.module, stack.nets, lambda at: IMAGES[at],
-                             BATCH, BATCH, stacked=True, feats=True)  # [B, K, ...]
+                             BATCH, BATCH, stacked=True, returns="outputs")  # [B, K, ...]
   devices = jax.local_devices()
   ran = _run(_step(spec), state, frozen, IMAGES, devices)
   read = _run(_step(spec), state, frozen, IMAGES, devices, frozen=((outputs,),))

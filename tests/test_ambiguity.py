@@ -48,6 +48,21 @@ def test_measures_order_a_confident_teacher_below_an_unsure_one():
     assert values[1] < values[0], name
 
 
+def test_atypicality_is_the_kl_of_the_recorded_statistics_from_the_images():
+  # One network, two images, a stem of two channels over 2x2 positions. Image 0's
+  # responses have the recorded mean and variance per channel; image 1's channel 0
+  # is shifted by 2 recorded standard deviations and its channel 1 has 4x the variance.
+  mean, var = np.array([[1.0, -1.0]]), np.array([[1.0, 0.25]])  # [K=1, D=2]
+  signs = np.array([1.0, -1.0, 1.0, -1.0]).reshape(2, 2)  # mean 0, variance 1
+  typical = np.stack([1.0 + signs, -1.0 + 0.5 * signs], axis=-1)  # [H=2, W=2, D=2]
+  drifted = np.stack([3.0 + signs, -1.0 + 1.0 * signs], axis=-1)
+  stem = np.stack([typical, drifted])[None].astype(np.float32)  # [K=1, B=2, 2, 2, 2]
+  got = np.asarray(ambiguity.atypicality(jnp.asarray(stem), jnp.asarray(mean),
+                                         jnp.asarray(var)))
+  kl_variance = 0.5 * (np.log(1 / 4) + 4 - 1)  # KL(N(0, 4) || N(0, 1)) in nats
+  np.testing.assert_allclose(got, [[0.0, 0.5 * 2**2 + kl_variance]], atol=1e-4)
+
+
 def test_select_picks_least_ambiguous_with_ties_to_lowest_k():
   amb = jnp.array([[0.5, 0.1, 0.3, 0.2],
                    [0.2, 0.1, 0.9, 0.2],

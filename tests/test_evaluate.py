@@ -29,6 +29,14 @@ def test_rule_weights_as_a_step_computes_them():
       evaluate.rule_weights(restricted, targets, "least", "entropy"), [[1, 0]])
   np.testing.assert_array_equal(  # only teacher 1 is right (argmax 0 vs 0): none is
       evaluate.rule_weights(restricted, targets, "oracle", "entropy"), [[1, 0]])
+  # Teacher 0 is sure, but the image is unlike its training images (3 nats): by the
+  # atypicality the unsure teacher 1, for which the image is typical, is chosen.
+  atypical = np.array([[3.0], [0.0]], np.float32)
+  np.testing.assert_array_equal(evaluate.rule_weights(
+      restricted, targets, "least", "entropy", atypical=atypical), [[1, 0]])
+  np.testing.assert_array_equal(evaluate.rule_weights(
+      restricted, targets, "least", "entropy", atypical=atypical, atypicality_weight=1.0),
+      [[0, 1]])
 
 
 def test_ensemble_log_probs_average_softmaxes_per_part():

@@ -40,7 +40,21 @@ def test_mean_rest_gives_every_teacher_the_groups_geometric_mean_part_mass():
     p = _softmax(got[k, 0])
     np.testing.assert_allclose(p[-1], 1 - agreed, rtol=1e-5)
     np.testing.assert_allclose(p[:-1] / p[:-1].sum(), within[k], rtol=1e-5)
-  np.testing.assert_array_equal(joint.RESTS["own"](logits), logits)
+  np.testing.assert_array_equal(joint.RESTS["own"](logits, np.zeros((2, 1)), 1.0), logits)
+
+
+def test_typical_rest_is_agreed_by_the_teachers_the_image_is_typical_for():
+  masses = np.array([0.9, 0.2, 0.6])  # three teachers' probability of the part, one image
+  probs = np.stack([masses / 2, masses / 2, 1 - masses], axis=-1)
+  logits = np.log(probs)[:, None, :].astype(np.float32)  # [K=3, B=1, P + 1 = 3]
+  # Typical for teachers 0 and 2 (0 nats); teacher 1 never saw such images (3 nats).
+  atypical = np.array([[0.0], [3.0], [0.0]], np.float32)
+  got = np.asarray(joint.RESTS["typical"](logits, atypical, 0.05))
+  agreed = np.sqrt(masses[0] * masses[2])  # teacher 1's weight: e^-60 of theirs
+  np.testing.assert_allclose(1 - _softmax(got[:, 0])[:, -1], agreed, rtol=1e-5)
+  # At a high temperature every teacher has its say, as the plain mean.
+  np.testing.assert_allclose(joint.RESTS["typical"](logits, atypical, 1e6),
+                             joint.mean_rest(logits), rtol=1e-5, atol=1e-5)
 
 
 def test_joint_rule_reads_the_rest_where_the_concatenated_argmax_is_wrong():

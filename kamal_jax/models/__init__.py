@@ -5,7 +5,9 @@ A name is one of ARCHS (ResNets with feature taps), or a user's own Flax module:
 arguments as Python literals, 'my_nets.py:SmallCNN(width=16)'. Such a module must
 return `Outputs(logits, feats)` from `__call__(x, train: bool)` and take
 `num_outputs` (the number of logits); a field named `axis_name` receives the
-data-parallel axis of the step that trains it (for its BatchNorms).
+data-parallel axis of the step that trains it (for its BatchNorms). Where its first
+tap feeds a BatchNorm named 'stem_bn', as in the ResNets, the selection also reads how
+typical an image is for it (`stem_statistics`).
 """
 import ast
 import dataclasses
@@ -132,6 +134,14 @@ def tap_widths(module, x) -> tuple[int, ...]:
   return tuple(f.shape[-1] for f in jax.eval_shape(feats))
 
 
+def stem_statistics(variables) -> tuple | None:
+  """The running (mean, var) of the batch norm fed by a network's first tap, each
+  [..., D] with the variables' leading axes (a stack's: [K, D]); None for a network
+  without one (a user's module may have none: it is then never judged atypical)."""
+  stem = variables.get("batch_stats", {}).get("stem_bn")
+  return None if stem is None else (stem["mean"], stem["var"])
+
+
 def with_backbone(variables: dict, backbone: dict) -> dict:
   """`variables` ({'params', 'batch_stats'} of a network, or of a stack of them with
   leading axes) with every variable of `backbone` (one network of the same
@@ -152,5 +162,5 @@ def with_backbone(variables: dict, backbone: dict) -> dict:
   return traverse_util.unflatten_dict(flat)
 
 
-__all__ = ["ARCHS", "Arch", "Bridges", "Outputs", "ResNet", "conv", "create", "student",
-           "tap_widths", "teacher", "with_backbone"]
+__all__ = ["ARCHS", "Arch", "Bridges", "Outputs", "ResNet", "conv", "create", "stem_statistics",
+           "student", "tap_widths", "teacher", "with_backbone"]
