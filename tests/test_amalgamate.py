@@ -195,6 +195,23 @@ def test_selection_follows_the_teachers_not_their_order(tiny):
   np.testing.assert_array_equal(metrics["0/selected_fraction"], [0.0, 1.0])
 
 
+def test_a_sure_teacher_is_not_chosen_on_images_unlike_its_training_images(tiny):
+  """Teacher 0 is sure and teacher 1 uniform, but teacher 0's stem batch norm recorded
+  responses 10 higher than these images give: with the atypicality in the score, every
+  image learns from teacher 1."""
+  module, nets = _teacher_stack(tiny, (50.0, 0.0))
+  stem = nets["batch_stats"]["stem_bn"]
+  nets = {**nets, "batch_stats": {**nets["batch_stats"], "stem_bn": {
+      **stem, "mean": np.asarray(stem["mean"]) + np.array([[10.0], [0.0]])}}}
+  spec, frozen, state = _stage1(tiny, (module, nets), atypicality_weight=1.0)
+  _, (metrics, _) = jax.device_get(_loss(spec, state, frozen))
+  np.testing.assert_array_equal(metrics["0/selected_fraction"], [0.0, 1.0])
+  outputs = teachers.stacked_apply(module, nets, IMAGES, in_step=False)
+  np.testing.assert_allclose(metrics["0/atypicality"],
+                             np.mean(teachers.atypicality(nets, outputs), axis=1), rtol=1e-4)
+  assert metrics["0/atypicality"][0] > 10 * metrics["0/atypicality"][1]
+
+
 def test_no_selection_teaches_with_every_teacher(stage1):
   spec, frozen, state = stage1
   spec = dataclasses.replace(spec, selection="none")

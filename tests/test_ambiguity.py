@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import special
 
-from kamal_jax import ambiguity
+from kamal_jax import ambiguity, models, teachers
 
 
 def _logits(shape=(3, 5, 7), seed=0):
@@ -127,3 +127,8 @@ def test_random_rule_is_one_hot_seeded_and_covers_every_teacher():
 def test_unknown_rule_names_the_choices():
   with pytest.raises(ValueError, match="least.*none.*oracle.*random.*soft"):
     ambiguity.weights("best", AMB)
+
+
+def test_networks_without_a_stem_batch_norm_are_never_atypical():
+  outputs = models.Outputs(jnp.zeros((2, 3, 4)), (jnp.ones((2, 3, 2, 2, 5)),))  # K=2, B=3
+  np.testing.assert_array_equal(teachers.atypicality({"params": {}}, outputs), np.zeros((2, 3)))
