@@ -177,12 +177,11 @@ def _group_loss(spec: Amalgamation, params, group: tuple[FrozenStack, ...], x, l
   target, targets, atypical, weight_norm = _frozen_targets(spec, params, group, x, feats,
                                                            outputs)
   part_size = group[0].index.shape[-1]
-  amb = (ambiguity.get(spec.ambiguity)(target[..., :part_size])
-         + spec.atypicality_weight * atypical)  # [K, B]
+  amb = ambiguity.get(spec.ambiguity)(target[..., :part_size])  # [K, B]
   correct = None if labels is None else (
       jnp.argmax(target[..., :part_size], axis=-1) == labels[None])  # [K, B]
-  weights = ambiguity.weights(spec.selection, amb, key=key, correct=correct,
-                              temperature=spec.temperature)  # [B, K]
+  weights = ambiguity.weights(spec.selection, amb + spec.atypicality_weight * atypical,
+                              key=key, correct=correct, temperature=spec.temperature)  # [B, K]
 
   predicted = _bridge(params["net_bridges"], feats, False)
   feature = _feature_mse(predicted, targets)  # [K, B]
