@@ -120,6 +120,17 @@ def _not_from_orbax_thread(record: python_logging.LogRecord) -> bool:
               f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
+def _quiet_late_storage_callbacks(excepthook):
+  """sys.excepthook, but for the error a storage thread's late callback raises into
+  the event loop of a checkpoint write that already failed and closed it ('Event loop
+  is closed'): printed bare from that thread, after the write's own error, which the
+  command reports in one line."""
+  def hook(kind, error, traceback):
+    if not (kind is RuntimeError and str(error) == "Event loop is closed"):
+      excepthook(kind, error, traceback)
+  return hook
+
+
 def _run(values: flags.FlagValues) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   if values.distributed:  # before anything asks JAX for its devices
@@ -129,6 +140,7 @@ def _run(values: flags.FlagValues) -> None:
   logging.set_verbosity(logging.WARNING)
   if not values.debug:
     python_logging.getLogger("absl").addFilter(_not_from_orbax_thread)
+    sys.excepthook = _quiet_late_storage_callbacks(sys.excepthook)
   if values.compilation_cache:
     pipeline.enable_compilation_cache(values.compilation_cache)
   stages = pipeline.STAGES if values.stage == "all" else (values.stage,)

@@ -259,3 +259,13 @@ def test_non_finite_loss_names_the_stage_and_step_and_keeps_no_bad_checkpoint(
   assert len(errors) == 1 and "Stage 'teachers/t1': non-finite" in errors[0], err
   assert "at step 2" in errors[0] and "Traceback" not in err  # step 1: initial weights
   assert not list((workdir / "checkpoints").glob("teachers/*/[0-9]*"))
+
+
+def test_a_storage_threads_late_callback_after_a_failed_write_prints_nothing():
+  seen = []
+  hook = main._quiet_late_storage_callbacks(lambda *args: seen.append(args[1]))
+  hook(RuntimeError, RuntimeError("Event loop is closed"), None)
+  assert not seen
+  other = RuntimeError("something else")
+  hook(RuntimeError, other, None)
+  assert seen == [other]
