@@ -4,7 +4,8 @@ where it stopped, never a traceback.
 SIGINT (Ctrl-C) stops at once. SIGTERM is how clusters and preemptible machines
 announce the end: during a stage's training loop it is held until the step running
 finishes, so that the loop checkpoints that step first (`train.fit`) and the
-resumed run loses no finished step; elsewhere it stops at once too.
+resumed run loses no finished step; elsewhere it stops at once too, except while a
+checkpoint is handed to orbax or sealed (`deferred`, a fraction of a second).
 
 The handlers are the command line's (`handled`); a library caller keeps Python's
 own (KeyboardInterrupt, and SIGTERM ending the process).
@@ -12,7 +13,7 @@ own (KeyboardInterrupt, and SIGTERM ending the process).
 import contextlib
 import signal
 
-__all__ = ["handled", "Interrupted", "sigterm_held", "sigterm_received"]
+__all__ = ["deferred", "handled", "Interrupted", "sigterm_held", "sigterm_received"]
 
 
 class Interrupted(BaseException):
@@ -38,14 +39,19 @@ class Interrupted(BaseException):
 
 _held = False  # inside `sigterm_held`
 _received = False  # a SIGTERM came while held
+_deferring = False  # inside `deferred`
+_deferred = None  # the name of the first signal that came while deferring
 
 
 def _handle(signum: int, frame):  # pylint: disable=unused-argument
-  global _received
+  global _received, _deferred
+  name = signal.Signals(signum).name
   if signum == signal.SIGTERM and _held:
     _received = True
-    return
-  raise Interrupted(signal.Signals(signum).name)
+  elif _deferring:
+    _deferred = _deferred or name
+  else:
+    raise Interrupted(name)
 
 
 @contextlib.contextmanager
@@ -74,6 +80,27 @@ def sigterm_held():
     _held = False
   if _received:
     raise Interrupted("SIGTERM")
+
+
+@contextlib.contextmanager
+def deferred():
+  """Inside, a signal that would stop the run stops it as the code inside leaves.
+
+  For code that hands work to other threads: orbax builds a save's coroutines in
+  the calling thread and runs them in its own, so a SIGINT raised in between left a
+  coroutine never awaited (a RuntimeWarning after the run's one line) and a write
+  half handed over."""
+  global _deferring, _deferred
+  if _deferring:  # nested: the outer one stops the run
+    yield
+    return
+  _deferring, _deferred = True, None
+  try:
+    yield
+  finally:
+    _deferring = False
+  if _deferred:
+    raise Interrupted(_deferred)
 
 
 def sigterm_received() -> bool:

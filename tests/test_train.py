@@ -117,6 +117,38 @@ def test_a_full_disk_at_a_save_names_the_path_and_is_never_the_resume_point(
   _assert_same_state(whole, _fit(stage, directory))
 
 
+def test_ctrl_c_while_a_checkpoint_is_handed_to_orbax_stops_after_it_is_sealed(
+    stage, tmp_path, monkeypatch):
+  """orbax builds the save's coroutines in this thread: a SIGINT in between once left
+  one never awaited. Now the save finishes, is sealed, and the run stops right after."""
+  whole = _fit(stage, tmp_path / "whole")
+  start_save = train.checkpoints.ocp.CheckpointManager.save
+
+  def save_as_ctrl_c_comes(manager, step, *args, **kwargs):
+    if step == 4:
+      os.kill(os.getpid(), signal.SIGINT)
+    return start_save(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(train.checkpoints.ocp.CheckpointManager, "save", save_as_ctrl_c_comes)
+  with interrupts.handled(), pytest.raises(interrupts.Interrupted) as stopped:
+    _fit(stage, tmp_path / "run")
+  monkeypatch.undo()
+  assert stopped.value.signal_name == "SIGINT"
+  assert (tmp_path / "run" / "ckpt" / "4" / train.CHECKSUMS).is_file()
+  _assert_same_state(whole, _fit(stage, tmp_path / "run"))
+
+
+def test_a_signal_while_deferred_stops_as_the_block_leaves_not_inside_it():
+  ran_on = []
+  with interrupts.handled(), pytest.raises(interrupts.Interrupted) as stopped:
+    with interrupts.deferred():
+      os.kill(os.getpid(), signal.SIGINT)
+      with interrupts.deferred():  # nested: still the outer one that stops
+        os.kill(os.getpid(), signal.SIGTERM)
+      ran_on.append(True)
+  assert ran_on == [True] and stopped.value.signal_name == "SIGINT"
+
+
 def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(stage, tmp_path):
   whole = _fit(stage, tmp_path / "whole")
   batch_fn = stage.batches

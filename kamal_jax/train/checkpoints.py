@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from kamal_jax import files, parallel
+from kamal_jax import files, interrupts, parallel
 from kamal_jax.train.state import TrainState
 
 __all__ = ["CHECKSUMS", "latest_good", "manager", "PENDING", "pending_metrics", "restore",
@@ -31,7 +31,7 @@ def training_manager(directory: Path):
   try:
     yield checkpoints
   finally:
-    with files.writing(directory):
+    with interrupts.deferred(), files.writing(directory):
       checkpoints.close()
 
 
@@ -64,7 +64,9 @@ class Saver:
   sealed with its checksums once orbax has finalised it: at the first step after
   (`seal_if_written`), and at the latest before the next save starts and when the
   stage ends, however it ends (`seal`). A checkpoint without them, from a kill in
-  between, is never trusted; nor is one the file system refused (a WriteError)."""
+  between, is never trusted; nor is one the file system refused (a WriteError).
+  A signal that comes while a save is handed over or sealed stops the run right
+  after (`interrupts.deferred`), never halfway."""
 
   def __init__(self, manager: ocp.CheckpointManager):
     self.manager = manager
@@ -76,10 +78,11 @@ class Saver:
     step); `pending`: the metrics of the steps since the last log, kept beside the
     state for the resumed stage to log (`pending_metrics`): a stage stopped by
     SIGTERM saves between logs."""
-    self.seal()
-    with files.writing(self._step_dir(step)):
-      self.manager.save(step, args=ocp.args.StandardSave(state))
-    self.unsealed, self.pending = step, jax.device_get(pending or [])
+    with interrupts.deferred():
+      self.seal()
+      with files.writing(self._step_dir(step)):
+        self.manager.save(step, args=ocp.args.StandardSave(state))
+      self.unsealed, self.pending = step, jax.device_get(pending or [])
 
   def seal_if_written(self):
     """Seals the checkpoint being written if orbax has finished it (never waits)."""
@@ -91,7 +94,7 @@ class Saver:
       return
     step_dir, pending = self._step_dir(self.unsealed), self.pending
     self.unsealed, self.pending = None, []  # sealed now, or never
-    with files.writing(step_dir):
+    with interrupts.deferred(), files.writing(step_dir):
       self.manager.wait_until_finished()
       if parallel.primary():
         if pending:
