@@ -5,12 +5,13 @@
 Table 1: the kamal_jax stage-1 step for K = 1 to 64 teachers in the group (its frozen
 networks run stage1.teacher_chunk at a time, `--chunk`), beside one teacher's
 eval-mode forward: per K the programs XLA compiled for the step and their seconds
-(no persistent cache: this table measures compiling), the step's time, its work
+(no persistent cache: this table measures compiling; median of --compiles), the step's time, its work
 (XLA's FLOP count) and its memory (XLA's memory analysis of the compiled step: the
 arguments, the teachers' weights among them, and the temporaries); then the slope
 (least-squares seconds per added teacher, over K >= 8) in units of that forward.
-Each added teacher costs its forward plus its two bridge sets (forward and backward on
-the network's side), so the slope is a little above 1.
+Each added teacher costs its forward and, under the method's one-hot selection, the
+merge of its features into each image's choice; the bridges run once, on the chosen
+teacher's features (amalgamate._stack_pass).
 Table 2: the step with the method's selection ('least') and with a plain average
 over the teachers ('none'), alternating; the difference in percent of the step. A
 third step is the control: the plain average's weights made to depend on the
@@ -18,6 +19,7 @@ ambiguity (plus zero times its sum), so its step waits for every teacher's logit
 before the weighted loss, as a selecting step must; what selection costs beyond that
 wait is 'least' against the control.
 """
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
@@ -33,6 +35,7 @@ flags.DEFINE_integer("chunk", digits.get_config().stage1.teacher_chunk,
                      "Frozen networks per traced body (stage1.teacher_chunk; 0: all).")
 flags.DEFINE_integer("selection_k", 4, "Teachers in the selection on/off comparison.")
 flags.DEFINE_integer("rounds", 5, "Alternating rounds.")
+flags.DEFINE_integer("compiles", 3, "Compiles of each K's step (their median seconds).")
 flags.DEFINE_integer("calls", 5, "Calls per program per round.")
 flags.DEFINE_integer("selection_rounds", 15,
                      "Alternating rounds of the selection comparison: it measures a few "
@@ -48,14 +51,21 @@ def _none_after_ambiguity(ambiguity_values, key, correct, temperature):
   return jnp.full((b, k), 1.0 / k) + 0.0 * jnp.sum(ambiguity_values)
 
 
-ambiguity.RULES[CONTROL] = ambiguity.Rule(_none_after_ambiguity)  # the step looks rules up by name
+ambiguity.RULES[CONTROL] = ambiguity.Rule(weigh=_none_after_ambiguity)  # the step looks rules up by name
 
 
 def _compiled(run) -> dict:
-  """The first call of a step: what it compiled (`compilation.since`)."""
-  before = compilation.totals()
-  run()
-  return compilation.since(before)
+  """What the first call of a step compiles (`compilation.since`), `--compiles` times
+  from emptied caches: the programs of one first call and their median seconds (one
+  compile's seconds vary by a third from run to run)."""
+  first_calls = []
+  for _ in range(FLAGS.compiles):
+    jax.clear_caches()
+    before = compilation.totals()
+    run()
+    first_calls.append(compilation.since(before))
+  return {"compiled": first_calls[0]["compiled"],
+          "compile_seconds": float(np.median([c["compile_seconds"] for c in first_calls]))}
 
 
 def main(argv):

@@ -115,8 +115,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # paper's method).
       rest="typical", typical_temperature=0.05,
       # A group of more frozen networks than this runs them in a loop over chunks of
-      # this many: one traced body, so compiling does not grow with the group.
-      teacher_chunk=4,
+      # this many: one traced body, so compiling does not grow with the group, nor,
+      # under a one-hot rule, its live memory. On CPU 2 steps and compiles faster
+      # than 4 (benchmarks/stage1_scaling.py).
+      teacher_chunk=2,
       optimizer=optimizer(1e-3, bridge_learning_rate=2e-3)))
   # The student: from the components, or (single_stage, supervised) directly.
   c.stage2 = ml_collections.ConfigDict(dict(

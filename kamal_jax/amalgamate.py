@@ -47,8 +47,8 @@ from absl import logging
 from kamal_jax import ambiguity, data, evaluate, joint, losses, models, parallel, tasks, train
 from kamal_jax.examples import Examples
 from kamal_jax.models import Bridges, Outputs
-from kamal_jax.teachers import (TeacherStack, atypicality, stack_variables, stacked_apply,
-                                sub_stacks)
+from kamal_jax.teachers import (TeacherStack, atypicality, scan_stacked, stack_variables,
+                                stacked_apply, sub_stacks)
 
 __all__ = ["Amalgamation", "amalgamation_loss", "batches", "component_frozen",
            "FrozenStack", "frozen_outputs", "group_frozen", "init", "LOGIT_LOSSES",
@@ -83,7 +83,7 @@ class Amalgamation:
   rest: str = "none"  # 'none', or the targets carry a rest logit: joint.RESTS
   typical_temperature: float = 0.05  # of the 'typical' rest, in nats of atypicality
   atypicality_weight: float = 0.0  # of the atypicality in the selection score
-  teacher_chunk: int = 0  # frozen networks run per traced body (`map_stacked`); 0: all
+  teacher_chunk: int = 0  # frozen networks run per traced body (`scan_stacked`); 0: all
 
 
 LOGIT_LOSSES = {
@@ -98,6 +98,11 @@ def _train_apply(module: nn.Module, params, batch_stats, x):
   return outputs, updates.get("batch_stats", {})
 
 
+def _kernels(bridge_params, taps: int) -> list:
+  """A bridge set's 1x1 kernels as matrices: [K, D, c] per tap."""
+  return [bridge_params[f"tap{l}"]["kernel"][:, 0, 0] for l in range(taps)]
+
+
 def _bridge(bridge_params, feats, stacked_feats: bool) -> tuple:
   """K bridge sets (`Bridges` parameters, per tap a kernel [K, 1, 1, D, c]) on
   features: stacked feats [K, B, H, W, D] map one to one; shared feats [B, H, W, D]
@@ -106,93 +111,170 @@ def _bridge(bridge_params, feats, stacked_feats: bool) -> tuple:
   A bridge is a 1x1 convolution, so K of them are one batched matrix product per tap:
   one operation whatever K is, where K convolutions (unrolled, or grouped by vmap)
   grow the program with K."""
-  kernels = [bridge_params[f"tap{l}"]["kernel"][:, 0, 0] for l in range(len(feats))]  # [K, D, c]
   pattern = "kbhwd,kdc->kbhwc" if stacked_feats else "bhwd,kdc->kbhwc"
-  return tuple(jnp.einsum(pattern, f, kernel) for f, kernel in zip(feats, kernels))
+  return tuple(jnp.einsum(pattern, f, kernel)
+               for f, kernel in zip(feats, _kernels(bridge_params, len(feats))))
 
 
-def _feature_mse(predicted: tuple, target: tuple) -> jnp.ndarray:
-  """Sum over taps of the per-sample MSE: ([K, B, H, W, D] per tap) -> [K, B]."""
-  return sum(losses.mse(p, t, batch_dims=2) for p, t in zip(predicted, target))
+def _bridge_chosen(bridge_params, feats, weights) -> tuple:
+  """K bridge sets on features [B, H, W, D] per tap, each sample through the set its
+  one-hot weights [B, K] choose (a zero output where they are all zero). Returns
+  ([B, H, W, c] per tap)."""
+  return tuple(jnp.einsum("bhwd,bdc->bhwc", f, jnp.einsum("bk,kdc->bdc", weights, kernel))
+               for f, kernel in zip(feats, _kernels(bridge_params, len(feats))))
+
+
+def _feature_mse(predicted: tuple, target: tuple, batch_dims: int = 2) -> jnp.ndarray:
+  """Sum over taps of the per-sample MSE: ([K, B, H, W, D] per tap) -> [K, B] (or
+  [B, H, W, D] -> [B] with batch_dims 1)."""
+  return sum(losses.mse(p, t, batch_dims=batch_dims) for p, t in zip(predicted, target))
 
 
 def resized(feats: tuple, like: tuple) -> tuple:
-  """Stacked taps [K, B, H', W', c] resized (bilinear) to the spatial size of the
-  network's taps [B, H, W, D] where they differ."""
+  """Taps [..., B, H', W', c] (stacked or not) resized (bilinear) to the spatial size
+  of the network's taps [B, H, W, D] where they differ."""
   def one(f, reference):
     size = reference.shape[1:3]
-    if f.shape[2:4] == size:
+    if f.shape[-3:-1] == size:
       return f
-    return jax.image.resize(f, f.shape[:2] + size + f.shape[-1:], method="linear")
+    return jax.image.resize(f, f.shape[:-3] + size + f.shape[-1:], method="linear")
   return tuple(one(f, r) for f, r in zip(feats, like))
 
 
-def frozen_outputs(stack: FrozenStack, x, outputs, chunk: int = 0) -> Outputs:
+def frozen_outputs(stack: FrozenStack, x, outputs) -> Outputs:
   """A frozen stack's eval-mode outputs on x, [K_s, B, ...]: read from `outputs` (the
   batch's 'frozen' entry for the stack, [B, K_s, ...], computed before the stage)
-  where given, else run (no gradient flows into them), `chunk` networks at a time
-  (`map_stacked`)."""
+  where given, else run (no gradient flows into them)."""
   if outputs is None:
-    return jax.lax.stop_gradient(
-        stacked_apply(stack.module, stack.nets, x, in_step=True, chunk=chunk))
+    return jax.lax.stop_gradient(stacked_apply(stack.module, stack.nets, x, in_step=True))
+  return _networks_first(outputs)
+
+
+def _networks_first(outputs: Outputs) -> Outputs:
+  """Outputs computed before the stage, [B, K_s, ...], as the step's [K_s, B, ...]."""
   return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), outputs)
 
 
-def _frozen_targets(spec: Amalgamation, params, group: tuple[FrozenStack, ...], x, feats,
-                    outputs):
-  """The group's frozen networks on x, stack by stack, joined along K: restricted
-  logits [K, B, P] ([K, B, P + 1] with the rest logit), feature targets
-  ([K, B, H, W, c] per tap, at the network's tap sizes), how atypical each image is
-  for each network ([K, B], `teachers.atypicality`) and the weight-norm penalty of
-  the frozen-side bridges. `outputs`: the stacks' outputs on x computed beforehand
-  ([B, K_s, ...]), or None to run them."""
-  logits, targets, atypical, weight_norm = [], [], [], jnp.zeros(())
-  for s, stack in enumerate(group):
-    out = frozen_outputs(stack, x, None if outputs is None else outputs[s], spec.teacher_chunk)
-    atypical.append(atypicality(stack.nets, out))
+@flax.struct.dataclass
+class _Choice:
+  """Per sample, the frozen network a one-hot rule chose so far, and its features."""
+  tier: jnp.ndarray  # [B] int
+  score: jnp.ndarray  # [B]
+  network: jnp.ndarray  # [B] int: its position k in the group
+  feats: tuple = ()  # per tap [B, H, W, D]
+
+  def merge(self, other: "_Choice") -> "_Choice":
+    """`other` where it is strictly better (a lower tier, or the same tier and a lower
+    score), so that ties keep the earlier network, as argmin does."""
+    better = (other.tier < self.tier) | ((other.tier == self.tier) & (other.score < self.score))
+    return jax.tree.map(
+        lambda a, b: jnp.where(better.reshape(better.shape + (1,) * (a.ndim - 1)), b, a),
+        self, other)
+
+
+def _stack_pass(spec: Amalgamation, stack: FrozenStack, x, outputs, first: int, count: int,
+                key, labels):
+  """A stack's networks on x, `spec.teacher_chunk` at a time (`scan_stacked`): per
+  network its targets (restricted logits [K_s, B, P], or [K_s, B, P + 1] with its own
+  rest logit), ambiguity and atypicality ([K_s, B]); and for a one-hot rule the
+  choice among them per sample (`_Choice`: one network's features per sample, the
+  live memory of the chunk, not of K), else their feats ([K_s, B, H, W, D] per tap).
+  `first`: the stack's first position among the group's `count` networks; outputs,
+  key, labels: see `_group_loss`."""
+  rule = ambiguity.RULES[spec.selection]
+  part_size = stack.index.shape[-1]
+  run = lambda nets: jax.lax.stop_gradient(
+      stacked_apply(stack.module, nets, x, in_step=True))
+
+  def chunk(best, nets, index, outside, k, out):  # leaves [c, ...]
+    out = run(nets) if out is None else out
+    atypical = atypicality(nets, out)
     if spec.rest != "none":
-      logits.append(joint.rest_logit(out.logits, stack.index, stack.outside))
+      target = joint.rest_logit(out.logits, index, outside)
     else:
-      logits.append(jnp.take_along_axis(out.logits, stack.index[:, None, :], axis=-1))
-    if spec.frozen_bridges:
-      bridges = params["frozen_bridges"][s]
-      targets.append(_bridge(bridges, out.feats, True))
-      kernels = jax.tree.leaves(bridges)  # per tap [K_s, 1, 1, D, c]
-      weight_norm += sum(jnp.sum(jax.vmap(losses.weight_norm_penalty)(k)) for k in kernels)
-    else:
-      targets.append(out.feats)
-  joined = tuple(jnp.concatenate(taps) for taps in zip(*(resized(t, feats) for t in targets)))
-  logits, atypical = jnp.concatenate(logits), jnp.concatenate(atypical)
-  if spec.rest != "none":
-    logits = joint.RESTS[spec.rest](logits, atypical, spec.typical_temperature)
-  return logits, joined, atypical, weight_norm
+      target = jnp.take_along_axis(out.logits, index[:, None, :], axis=-1)
+    amb = ambiguity.get(spec.ambiguity)(target[..., :part_size])  # [c, B]
+    if rule.tier is None:
+      return best, (target, amb, atypical, out.feats)
+    score = amb + spec.atypicality_weight * atypical
+    correct = None if labels is None else (
+        jnp.argmax(target[..., :part_size], axis=-1) == labels[None])  # [c, B]
+    tier = jnp.broadcast_to(rule.tier(k, key, correct, count), score.shape)
+    i, rows = ambiguity.choose(tier, score), jnp.arange(score.shape[1])  # [B]
+    here = _Choice(tier[i, rows], score[i, rows], k[i], tuple(f[i, rows] for f in out.feats))
+    return best.merge(here), (target, amb, atypical)
+
+  size = jax.tree.leaves(stack.nets)[0].shape[0]
+  outputs = None if outputs is None else _networks_first(outputs)
+  best = ()
+  if rule.tier is not None:
+    taps = jax.eval_shape(run, jax.tree.map(lambda a: a[:1], stack.nets)).feats  # [1, B, ...]
+    batch = x.shape[0]
+    best = _Choice(jnp.full((batch,), jnp.iinfo(jnp.int32).max, jnp.int32),
+                   jnp.full((batch,), jnp.inf), jnp.zeros((batch,), jnp.int32),
+                   tuple(jnp.zeros(t.shape[1:], t.dtype) for t in taps))
+  return scan_stacked(chunk, best, stack.nets, stack.index, stack.outside,
+                      first + jnp.arange(size), outputs, chunk=spec.teacher_chunk)
 
 
 def _group_loss(spec: Amalgamation, params, group: tuple[FrozenStack, ...], x, logits, feats,
                 key, labels, outputs):
   """Group g's term: logits [B, H] of the network's head (H = P, or P + 1 where a
-  component learns the rest logit too) and its feats; labels [B] (positions in the
-  part, -1 outside it) only for the oracle rule; outputs: see `_frozen_targets`.
-  Returns (loss, metrics)."""
-  target, targets, atypical, weight_norm = _frozen_targets(spec, params, group, x, feats,
-                                                           outputs)
-  part_size = group[0].index.shape[-1]
-  amb = ambiguity.get(spec.ambiguity)(target[..., :part_size])  # [K, B]
-  correct = None if labels is None else (
-      jnp.argmax(target[..., :part_size], axis=-1) == labels[None])  # [K, B]
-  weights = ambiguity.weights(spec.selection, amb + spec.atypicality_weight * atypical,
-                              key=key, correct=correct, temperature=spec.temperature)  # [B, K]
+  component learns the rest logit too) and its feats; key [B] (one PRNG key per
+  sample) only for the random rule, labels [B] (positions in the part, -1 outside it)
+  only for the oracle rule; outputs: the stacks' outputs on x computed beforehand
+  ([B, K_s, ...]), or None to run them. Returns (loss, metrics).
 
-  predicted = _bridge(params["net_bridges"], feats, False)
-  feature = _feature_mse(predicted, targets)  # [K, B]
+  Under a one-hot rule the frozen features reach the loss only through each sample's
+  chosen network, so the step keeps one network's features per sample; a rule that
+  weighs every network keeps every network's."""
+  sizes = [jax.tree.leaves(stack.nets)[0].shape[0] for stack in group]
+  firsts, count = np.cumsum([0] + sizes)[:-1], sum(sizes)
+  passes = [_stack_pass(spec, stack, x, None if outputs is None else outputs[s], first, count,
+                        key, labels) for s, (stack, first) in enumerate(zip(group, firsts))]
+  choices, per_network = zip(*passes)
+  target, amb, atypical = (jnp.concatenate(a) for a in list(zip(*per_network))[:3])
+  if spec.rest != "none":
+    target = joint.RESTS[spec.rest](target, atypical, spec.typical_temperature)
+
+  weight_norm, targets = jnp.zeros(()), []
+  if spec.frozen_bridges:
+    for bridges in params["frozen_bridges"]:  # per tap [K_s, 1, 1, D, c]
+      weight_norm += sum(jnp.sum(jax.vmap(losses.weight_norm_penalty)(k))
+                         for k in jax.tree.leaves(bridges))
+  if ambiguity.RULES[spec.selection].tier is None:
+    part_size = group[0].index.shape[-1]
+    correct = None if labels is None else (
+        jnp.argmax(target[..., :part_size], axis=-1) == labels[None])  # [K, B]
+    weights = ambiguity.weights(spec.selection, amb + spec.atypicality_weight * atypical,
+                                key=key, correct=correct, temperature=spec.temperature)
+    for s, (_, _, _, frozen_feats) in enumerate(per_network):
+      bridged = (_bridge(params["frozen_bridges"][s], frozen_feats, True)
+                 if spec.frozen_bridges else frozen_feats)
+      targets.append(resized(bridged, feats))
+    joined = tuple(jnp.concatenate(taps) for taps in zip(*targets))
+    feature = losses.masked_mean(
+        _feature_mse(_bridge(params["net_bridges"], feats, False), joined), weights)
+  else:
+    chosen = functools.reduce(_Choice.merge, [c.replace(feats=()) for c in choices])
+    weights = jax.nn.one_hot(chosen.network, count, dtype=amb.dtype)  # [B, K]
+    for s, (choice, first, size) in enumerate(zip(choices, firsts, sizes)):
+      mine = weights[:, first:first + size]  # [B, K_s]: zero where another stack's
+      bridged = (_bridge_chosen(params["frozen_bridges"][s], choice.feats, mine)
+                 if spec.frozen_bridges else
+                 tuple(f * jnp.sum(mine, axis=1)[:, None, None, None] for f in choice.feats))
+      targets.append(resized(bridged, feats))
+    joined = tuple(sum(taps) for taps in zip(*targets))  # [B, H, W, c] per tap
+    feature = jnp.mean(_feature_mse(_bridge_chosen(params["net_bridges"], feats, weights),
+                                    joined, batch_dims=1))
+
   scaled = params["logit_scale"][:, None, None] * logits[None]  # [K, B, H]
   regressed = target[..., :logits.shape[-1]]  # the part's logits (and the rest)
   logit = LOGIT_LOSSES[spec.logit_loss](scaled, regressed, spec.kd_temperature)  # [K, B]
-
-  loss = (losses.masked_mean(spec.feature_weight * feature + logit, weights)
+  loss = (spec.feature_weight * feature + losses.masked_mean(logit, weights)
           + spec.weight_norm * weight_norm)
   metrics = {
-      "feature_loss": losses.masked_mean(feature, weights),
+      "feature_loss": feature,
       "logit_loss": losses.masked_mean(logit, weights),
       "weight_norm": weight_norm,
       "selected_fraction": jnp.mean(weights, axis=0),  # [K]

@@ -15,8 +15,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["atypicality", "entropy", "get", "margin", "max_prob", "Rule", "RULES", "select",
-           "weights"]
+__all__ = ["atypicality", "choose", "entropy", "get", "margin", "max_prob", "Rule", "RULES", "weights"]
 
 
 def entropy(logits: jnp.ndarray) -> jnp.ndarray:
@@ -76,26 +75,36 @@ def get(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
   return MEASURES[name]
 
 
-def select(ambiguity: jnp.ndarray) -> jnp.ndarray:
-  """One-hot choice of the least ambiguous teacher per sample.
-
-  Args:
-    ambiguity: [K, B].
-  Returns:
-    [B, K] float mask; ties go to the lowest k (argmin returns the first minimum).
-  """
-  k = ambiguity.shape[0]
-  return jax.nn.one_hot(jnp.argmin(ambiguity, axis=0), k, dtype=ambiguity.dtype)
+def choose(tier: jnp.ndarray, score: jnp.ndarray) -> jnp.ndarray:
+  """Per sample, the teacher of the lowest tier with the least score, the lowest k on
+  ties (as argmin): tier [K, B] int, score [K, B] -> [B] indices into K."""
+  first = tier == jnp.min(tier, axis=0)
+  return jnp.argmin(jnp.where(first, score, jnp.inf), axis=0)
 
 
-# Selection rules: how much each sample learns from each teacher. Each maps the
-# ambiguity [K, B] to weights [B, K] that sum to 1 over K. `key` ([B] PRNG keys, one
-# per sample, so a sample's draw does not depend on how the batch is split) and
-# `correct` ([K, B] bool: the teacher's prediction is right, from labels) are only
-# read by the rules that need them.
+# Selection rules: how much each sample learns from each teacher, weights [B, K] that
+# sum to 1 over K. A one-hot rule ranks each sample's teachers in tiers: the sample
+# learns from the least ambiguous teacher of its lowest tier (`choose`). A tier reads
+# the teachers' positions k [c] among the group's K (`count`), so that it can be
+# worked out a chunk of teachers at a time. `key` ([B] PRNG keys, one per sample, so
+# a sample's draw does not depend on how the batch is split) and `correct` ([c, B]
+# bool: the teacher's prediction is right, from labels) are only read by the rules
+# that need them.
 
-def _least(ambiguity, key, correct, temperature):
-  return select(ambiguity)
+def _least_tier(k, key, correct, count):
+  return jnp.zeros(k.shape + (1,), jnp.int32)  # one tier for every sample
+
+
+def _random_tier(k, key, correct, count):
+  draws = jax.vmap(lambda one: jax.random.randint(one, (), 0, count))(key)  # [B]
+  return (k[:, None] != draws[None]).astype(jnp.int32)
+
+
+def _oracle_tier(k, key, correct, count):
+  """The right teachers first: the least ambiguous of them; where none is (or the
+  sample lies outside the part), the least ambiguous of all. Needs labels: an upper
+  bound, not a method."""
+  return (~correct).astype(jnp.int32)
 
 
 def _none(ambiguity, key, correct, temperature):
@@ -103,34 +112,23 @@ def _none(ambiguity, key, correct, temperature):
   return jnp.full((b, k), 1.0 / k, ambiguity.dtype)
 
 
-def _random(ambiguity, key, correct, temperature):
-  k = ambiguity.shape[0]
-  draws = jax.vmap(lambda one: jax.random.randint(one, (), 0, k))(key)  # [B]
-  return jax.nn.one_hot(draws, k, dtype=ambiguity.dtype)
-
-
 def _soft(ambiguity, key, correct, temperature):
   return jax.nn.softmax(-ambiguity / temperature, axis=0).T
 
 
-def _oracle(ambiguity, key, correct, temperature):
-  """The least ambiguous of the teachers that are right; where none is (or the
-  sample lies outside the part), the least ambiguous of all. Needs labels: an upper
-  bound, not a method."""
-  anyone = jnp.any(correct, axis=0, keepdims=True)  # [1, B]
-  return select(jnp.where(anyone & ~correct, jnp.inf, ambiguity))
-
-
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """A selection rule and what its batches must carry besides the images."""
-  weigh: Callable  # (ambiguity [K, B], key, correct, temperature) -> weights [B, K]
+  """A selection rule and what its batches must carry besides the images: one-hot by
+  its `tier`, or `weigh`ing every teacher."""
+  tier: Callable | None = None  # (k [c], key, correct, count K) -> [c, B] int (or [c, 1])
+  weigh: Callable | None = None  # (ambiguity [K, B], key, correct, temperature) -> [B, K]
   needs_key: bool = False  # a PRNG key per sample ('key')
   needs_labels: bool = False  # the samples' positions in the parts ('label')
 
 
-RULES = {"least": Rule(_least), "none": Rule(_none), "random": Rule(_random, needs_key=True),
-         "soft": Rule(_soft), "oracle": Rule(_oracle, needs_labels=True)}
+RULES = {"least": Rule(_least_tier), "none": Rule(weigh=_none),
+         "random": Rule(_random_tier, needs_key=True), "soft": Rule(weigh=_soft),
+         "oracle": Rule(_oracle_tier, needs_labels=True)}
 
 
 def weights(rule: str, ambiguity: jnp.ndarray, *, key=None, correct=None,
@@ -138,4 +136,9 @@ def weights(rule: str, ambiguity: jnp.ndarray, *, key=None, correct=None,
   """[K, B] ambiguity -> [B, K] per-sample teacher weights under `rule`."""
   if rule not in RULES:
     raise ValueError(f"Unknown selection rule {rule!r}: use one of {sorted(RULES)}.")
-  return RULES[rule].weigh(ambiguity, key, correct, temperature)
+  if RULES[rule].weigh is not None:
+    return RULES[rule].weigh(ambiguity, key, correct, temperature)
+  count = ambiguity.shape[0]
+  tier = RULES[rule].tier(jnp.arange(count), key, correct, count)
+  return jax.nn.one_hot(choose(jnp.broadcast_to(tier, ambiguity.shape), ambiguity), count,
+                        dtype=ambiguity.dtype)

@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from kamal_jax import files, models, parallel, schema
+from kamal_jax import ambiguity, files, models, parallel, schema
 
 __all__ = ["AMALGAMATING", "available_memory", "backbone", "BRIDGED", "CADENCE", "check_fit",
            "check_memory", "check_teachers", "check_workdir", "config_drift", "lock_workdir",
@@ -81,10 +81,11 @@ def stage1_memory(config: ml_collections.ConfigDict, groups: dict[str, list], ex
 
   groups: part name -> the modules of its teachers, one per teacher. Every device
   holds the group's teachers' variables, their bridge sets with their gradients and
-  Adam moments, and, for its rows of `batch_size`, each teacher's feature taps
-  and their images through both bridge sets, float32: the stacked taps grow with K,
-  whatever stage1.teacher_chunk is (benchmarks/stage1_scaling.py). On CPU the devices
-  share the host's memory."""
+  Adam moments, and, for its rows of `batch_size`, feature taps and their images
+  through both bridge sets, float32: under a one-hot selection rule those of the
+  stage1.teacher_chunk teachers running and of the one chosen per image; under a rule
+  that weighs every teacher, every teacher's (benchmarks/stage1_scaling.py). On CPU
+  the devices share the host's memory."""
   devices = jax.local_device_count()
   rows = -(-batch_size // jax.device_count())  # this device's rows
   widths = tuple(config.stage1.bridge_widths)
@@ -98,10 +99,13 @@ def stage1_memory(config: ml_collections.ConfigDict, groups: dict[str, list], ex
     floats = sum(p * (t.shape[-1] + 2 * c) for p, t, c in zip(pixels, taps, widths))
     return _bytes(variables) + 2 * 4 * 4 * bridges, 4 * floats
 
+  one_hot = ambiguity.RULES[config.stage1.selection].tier is not None
   largest = None
   for part, modules in groups.items():
     weights = sum(per_teacher(m)[0] for m in modules)
-    taps = rows * sum(per_teacher(m)[1] for m in modules)
+    each = sorted((per_teacher(m)[1] for m in modules), reverse=True)  # taps' bytes
+    held = each[:config.stage1.teacher_chunk or len(each)] + each[:1] if one_hot else each
+    taps = rows * sum(held)
     estimate = {"group": part, "weights": weights, "taps": taps,
                 "bytes": devices * (weights + taps)}
     if largest is None or estimate["bytes"] > largest["bytes"]:
@@ -136,12 +140,14 @@ def check_memory(config: ml_collections.ConfigDict, groups: dict[str, list], exa
   if need["bytes"] > available:
     gb = lambda b: f"{b / 2**30:.2f} GB"
     teachers = len(groups[need["group"]])
+    shrink = (" or stage1.teacher_chunk"
+              if ambiguity.RULES[config.stage1.selection].tier is not None else "")
     raise ValueError(
         f"{stage} of part {need['group']!r} ({teachers} teachers) needs about "
         f"{gb(need['bytes'])} ({gb(need['weights'])} of teachers and bridges and "
         f"{gb(need['taps'])} of their taps at {stage}.batch_size={batch_size}, per "
         f"device, on {jax.local_device_count()} devices) and {gb(available)} are free: "
-        f"lower {stage}.batch_size, or amalgamate fewer teachers per part.")
+        f"lower {stage}.batch_size{shrink}, or amalgamate fewer teachers per part.")
 
 
 # Config fields that change how often a run logs and checkpoints, or what it exports,

@@ -18,9 +18,9 @@ import numpy as np
 from kamal_jax import ambiguity, models, tasks
 from kamal_jax.models import Outputs
 
-__all__ = ["atypicality", "imported", "map_stacked", "stack", "stack_order", "stack_variables",
-           "stack_way", "stacked_apply", "sub_stacks", "take", "Teacher", "TeacherStack",
-           "WAYS"]
+__all__ = ["atypicality", "imported", "map_stacked", "scan_stacked", "stack", "stack_order",
+           "stack_variables", "stack_way", "stacked_apply", "sub_stacks", "take", "Teacher",
+           "TeacherStack", "WAYS"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,30 +135,41 @@ def map_stacked(fn: Callable, *stacked, in_step: bool, way: str | None = None,
   `stack_way`). `way` overrides the pick: 'vmap', 'unroll' (K calls at trace time)
   or 'loop' (`lax.map`). Every way is one program, compiled once.
 
-  `chunk` > 0 with K > chunk: the K slices run `chunk` at a time (each chunk in the
-  way picked) in a `lax.scan` over chunks, the K % chunk left after them as one more
-  chunk, so the program holds at most two copies of the chunk's work whatever K is:
-  its compile time and its live memory follow the chunk, not K.
+  `chunk` > 0 with K > chunk: the K slices run `chunk` at a time, each chunk in the
+  way picked (`scan_stacked`).
   """
   way = way or stack_way(in_step)
   count = jax.tree.leaves(stacked)[0].shape[0]
   if 0 < chunk < count:
-    looped = count // chunk * chunk
-    head = jax.tree.map(lambda leaf: leaf[:looped].reshape(
-        (count // chunk, chunk) + leaf.shape[1:]), stacked)  # [K // chunk, chunk, ...]
-    head = jax.lax.map(lambda args: map_stacked(fn, *args, in_step=in_step, way=way), head)
-    head = jax.tree.map(lambda leaf: leaf.reshape((looped,) + leaf.shape[2:]), head)
-    if looped == count:
-      return head
-    tail = map_stacked(fn, *jax.tree.map(lambda leaf: leaf[looped:], stacked),
-                       in_step=in_step, way=way)
-    return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), head, tail)
+    return scan_stacked(lambda carry, *args: (carry, map_stacked(fn, *args, in_step=in_step,
+                                                                 way=way)),
+                        (), *stacked, chunk=chunk)[1]
   if way == "vmap":
     return jax.vmap(fn)(*stacked)
   if way == "loop":
     return jax.lax.map(lambda args: fn(*args), stacked)
   outputs = [fn(*jax.tree.map(lambda leaf: leaf[k], stacked)) for k in range(count)]
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
+
+
+def scan_stacked(fn: Callable, carry, *stacked, chunk: int) -> tuple:
+  """`fn(carry, *slices) -> (carry, outputs [c, ...])` over the K slices of stacked
+  arguments (every leaf [K, ...]) `chunk` at a time, in a `lax.scan` over chunks, the
+  K % chunk left after them as one more call (chunk 0 or >= K: one call over all K),
+  so the program holds the work of at most two chunks whatever K is: its compile time
+  and its live memory follow the chunk, not K. Returns (carry, outputs [K, ...])."""
+  count = jax.tree.leaves(stacked)[0].shape[0]
+  if not 0 < chunk < count:
+    return fn(carry, *stacked)
+  looped = count // chunk * chunk
+  head = jax.tree.map(lambda leaf: leaf[:looped].reshape(
+      (count // chunk, chunk) + leaf.shape[1:]), stacked)  # [K // chunk, chunk, ...]
+  carry, outputs = jax.lax.scan(lambda c, args: fn(c, *args), carry, head)
+  outputs = jax.tree.map(lambda leaf: leaf.reshape((looped,) + leaf.shape[2:]), outputs)
+  if looped == count:
+    return carry, outputs
+  carry, tail = fn(carry, *jax.tree.map(lambda leaf: leaf[looped:], stacked))
+  return carry, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outputs, tail)
 
 
 def stacked_apply(module: nn.Module, variables, x: jnp.ndarray, in_step: bool,

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kamal_jax import amalgamate, door, evaluate, joint, models, parallel, teachers, train
+from kamal_jax import ambiguity, amalgamate, door, evaluate, joint, models, parallel, teachers, train
 
 BATCH = 16
 IMAGES = np.random.default_rng(0).uniform(size=(BATCH, 8, 8, 1)).astype(np.float32)
@@ -44,8 +44,10 @@ def _stage1(tiny, *stacks, **overrides):
                         axis_name=train.AXIS),
       head_sizes=(3,),
       bridge_widths=tuple(tiny.stage1.bridge_widths), **overrides)
-  frozen = (tuple(amalgamate.FrozenStack(module, nets, np.tile(
-      np.arange(3, dtype=np.int32), (len(jax.tree.leaves(nets)[0]), 1)))
+  count = lambda nets: len(jax.tree.leaves(nets)[0])
+  frozen = (tuple(amalgamate.FrozenStack(
+      module, nets, np.tile(np.arange(3, dtype=np.int32), (count(nets), 1)),
+      np.tile([False, False, False, True], (count(nets), 1)))  # logit 3: the rest
       for module, nets in stacks),)
   return spec, frozen, _state(spec, frozen, tiny.stage1.optimizer)
 
@@ -180,6 +182,25 @@ def test_teachers_of_other_widths_and_depths_share_a_group(tiny):
   before, after = state.params["groups"]["0"], new.params["groups"]["0"]
   assert _unchanged(before["net_bridges"], after["net_bridges"], 0)
   assert not _unchanged(before["net_bridges"], after["net_bridges"], 1)
+
+
+def test_a_one_hot_rule_keeps_the_chosen_features_alone_and_takes_the_dense_step(
+    tiny, monkeypatch):
+  """Two stacks (five tiny teachers, two per traced body, and a ResNet-18 about as
+  sure as the surest of them), each image's rest agreed by the teachers it is typical for:
+  the step that keeps each image's chosen teacher's features only equals the step
+  that keeps every teacher's and masks their losses with the same one-hot weights."""
+  resnet18 = _teacher_stack(tiny, (8.0,), arch="resnet18", width_scale=0.125)
+  spec, frozen, state = _stage1(tiny, _teacher_stack(tiny, (50.0, 0.0, 5.0, 20.0, 1.0)),
+                                resnet18, teacher_chunk=2, rest="typical")
+  monkeypatch.setitem(ambiguity.RULES, "least, weighing all", ambiguity.Rule(
+      weigh=lambda amb, key, correct, temperature: ambiguity.weights("least", amb)))
+  devices = jax.local_devices()
+  chosen = _run(_step(spec), state, frozen, IMAGES, devices)
+  dense = _run(_step(dataclasses.replace(spec, selection="least, weighing all")), state,
+               frozen, IMAGES, devices)
+  chex.assert_trees_all_close(chosen, dense, atol=1e-6, rtol=1e-5)
+  assert 0 < chosen[1]["0/selected_fraction"][-1] < 1  # both stacks chosen
 
 
 def test_frozen_networks_need_as_many_taps(tiny):

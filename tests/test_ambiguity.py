@@ -63,17 +63,14 @@ def test_atypicality_is_the_kl_of_the_recorded_statistics_from_the_images():
   np.testing.assert_allclose(got, [[0.0, 0.5 * 2**2 + kl_variance]], atol=1e-4)
 
 
-def test_select_picks_least_ambiguous_with_ties_to_lowest_k():
+def test_choose_takes_the_least_score_of_the_lowest_tier_with_ties_to_lowest_k():
   amb = jnp.array([[0.5, 0.1, 0.3, 0.2],
                    [0.2, 0.1, 0.9, 0.2],
                    [0.7, 0.4, 0.2, 0.2]])  # [K=3, B=4]
-  mask = ambiguity.select(amb)
-  expected = np.array([[0, 1, 0],   # sample 0: teacher 1
-                       [1, 0, 0],   # sample 1: tie of teachers 0 and 1 -> 0
-                       [0, 0, 1],   # sample 2: teacher 2
-                       [1, 0, 0]])  # sample 3: three-way tie -> 0
-  np.testing.assert_array_equal(mask, expected)
-  assert mask.shape == (4, 3)
+  np.testing.assert_array_equal(ambiguity.choose(jnp.zeros((3, 4), int), amb),
+                                [1, 0, 2, 0])  # samples 1 and 3: ties -> the lowest k
+  tier = jnp.array([[1, 1, 1, 0], [1, 0, 1, 0], [0, 0, 1, 1]])
+  np.testing.assert_array_equal(ambiguity.choose(tier, amb), [2, 1, 2, 0])
 
 
 def test_unknown_measure_names_the_choices():
@@ -85,7 +82,7 @@ AMB = jnp.array([[0.2, 0.9, 0.5],
                  [0.7, 0.1, 0.5]])  # [K=2, B=3]
 
 
-def test_least_rule_is_select():
+def test_least_rule_is_one_hot_on_the_least_ambiguous():
   np.testing.assert_array_equal(ambiguity.weights("least", AMB),
                                 [[1, 0], [0, 1], [1, 0]])
 

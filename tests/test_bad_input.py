@@ -244,7 +244,8 @@ def test_a_stage_1_that_would_not_fit_is_refused_with_its_estimate(tmp_path, dat
   error, = [line for line in err.splitlines() if line.startswith("kamal-jax:")]
   assert "Traceback" not in err
   assert re.fullmatch(r"kamal-jax: error: stage1 of part 'part\d' \(500 teachers\) needs about "
-                      r"[\d.]+ GB .* and 0.10 GB are free: lower stage1.batch_size, or "
+                      r"[\d.]+ GB .* and 0.10 GB are free: lower stage1.batch_size or "
+                      r"stage1.teacher_chunk, or "
                       r"amalgamate fewer teachers per part.", error), error
   assert not workdir.exists()
 
