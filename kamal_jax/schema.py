@@ -278,7 +278,8 @@ FIELDS: tuple[Field, ...] = (
           "The 'typical' rest weighs teachers by softmax(-atypicality / temperature)."),
     Field("stage1.teacher_chunk", Integer(0),
           "Frozen networks a step runs per traced body: a group of more loops over "
-          "chunks of this many, so compile time stays flat in its size (0: all in one)."),
+          "chunks of this many, so compile time, and under a one-hot selection rule "
+          "live memory, stay flat in its size (0: all in one)."),
     *_optimizer("stage1"),
     Field("stage2.steps", Integer(), "Steps of the student."),
     Field("stage2.batch_size", Integer(), "Its global batch size."),
