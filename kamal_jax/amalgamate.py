@@ -172,13 +172,25 @@ class _Choice:
         self, other)
 
 
+def _selection_inputs(spec: Amalgamation, part, atypical, labels):
+  """What a rule selects by, per network and sample ([..., B]), from the networks'
+  logits of the part [..., B, P]: their ambiguity, the score (ambiguity plus the
+  weighted atypicality) and, where labels are given (the oracle), whether the
+  network's prediction is right."""
+  amb = ambiguity.get(spec.ambiguity)(part)
+  correct = None if labels is None else jnp.argmax(part, axis=-1) == labels[None]
+  return amb, amb + spec.atypicality_weight * atypical, correct
+
+
 def _stack_pass(spec: Amalgamation, stack: FrozenStack, x, outputs, first: int, count: int,
                 key, labels):
-  """A stack's networks on x, `spec.teacher_chunk` at a time (`scan_stacked`): per
-  network its targets (restricted logits [K_s, B, P], or [K_s, B, P + 1] with its own
-  rest logit), ambiguity and atypicality ([K_s, B]); and for a one-hot rule the
-  choice among them per sample (`_Choice`: one network's features per sample, the
-  live memory of the chunk, not of K), else their feats ([K_s, B, H, W, D] per tap).
+  """A stack's networks on x, `spec.teacher_chunk` at a time (`scan_stacked`).
+
+  Returns (choice, (per_network, feats)): per network its targets (restricted logits
+  [K_s, B, P], or [K_s, B, P + 1] with its own rest logit) and what the rule selects
+  by (`_selection_inputs`); for a one-hot rule the choice among them per sample
+  (`_Choice`: one network's features per sample, the live memory of the chunk, not
+  of K) and no feats, else no choice and their feats ([K_s, B, H, W, D] per tap).
   `first`: the stack's first position among the group's `count` networks; outputs,
   key, labels: see `_group_loss`."""
   rule = ambiguity.RULES[spec.selection]
@@ -193,16 +205,15 @@ def _stack_pass(spec: Amalgamation, stack: FrozenStack, x, outputs, first: int, 
       target = joint.rest_logit(out.logits, index, outside)
     else:
       target = jnp.take_along_axis(out.logits, index[:, None, :], axis=-1)
-    amb = ambiguity.get(spec.ambiguity)(target[..., :part_size])  # [c, B]
+    amb, score, correct = _selection_inputs(spec, target[..., :part_size], atypical,
+                                            labels)  # [c, B]
+    per_network = (target, amb, atypical, score, correct)
     if rule.tier is None:
-      return best, (target, amb, atypical, out.feats)
-    score = amb + spec.atypicality_weight * atypical
-    correct = None if labels is None else (
-        jnp.argmax(target[..., :part_size], axis=-1) == labels[None])  # [c, B]
+      return best, (per_network, out.feats)
     tier = jnp.broadcast_to(rule.tier(k, key, correct, count), score.shape)
     i, rows = ambiguity.choose(tier, score), jnp.arange(score.shape[1])  # [B]
     here = _Choice(tier[i, rows], score[i, rows], k[i], tuple(f[i, rows] for f in out.feats))
-    return best.merge(here), (target, amb, atypical)
+    return best.merge(here), (per_network, None)
 
   size = jax.tree.leaves(stack.nets)[0].shape[0]
   outputs = None if outputs is None else _networks_first(outputs)
@@ -232,8 +243,10 @@ def _group_loss(spec: Amalgamation, params, group: tuple[FrozenStack, ...], x, l
   firsts, count = np.cumsum([0] + sizes)[:-1], sum(sizes)
   passes = [_stack_pass(spec, stack, x, None if outputs is None else outputs[s], first, count,
                         key, labels) for s, (stack, first) in enumerate(zip(group, firsts))]
-  choices, per_network = zip(*passes)
-  target, amb, atypical = (jnp.concatenate(a) for a in list(zip(*per_network))[:3])
+  choices, passed = zip(*passes)
+  per_network, frozen_feats = zip(*passed)
+  target, amb, atypical, score, correct = jax.tree.map(lambda *a: jnp.concatenate(a),
+                                                       *per_network)  # [K, B, ...]
   if spec.rest != "none":
     target = joint.RESTS[spec.rest](target, atypical, spec.typical_temperature)
 
@@ -243,14 +256,11 @@ def _group_loss(spec: Amalgamation, params, group: tuple[FrozenStack, ...], x, l
       weight_norm += sum(jnp.sum(jax.vmap(losses.weight_norm_penalty)(k))
                          for k in jax.tree.leaves(bridges))
   if ambiguity.RULES[spec.selection].tier is None:
-    part_size = group[0].index.shape[-1]
-    correct = None if labels is None else (
-        jnp.argmax(target[..., :part_size], axis=-1) == labels[None])  # [K, B]
-    weights = ambiguity.weights(spec.selection, amb + spec.atypicality_weight * atypical,
-                                key=key, correct=correct, temperature=spec.temperature)
-    for s, (_, _, _, frozen_feats) in enumerate(per_network):
-      bridged = (_bridge(params["frozen_bridges"][s], frozen_feats, True)
-                 if spec.frozen_bridges else frozen_feats)
+    weights = ambiguity.weights(spec.selection, score, key=key, correct=correct,
+                                temperature=spec.temperature)
+    for s, stack_feats in enumerate(frozen_feats):
+      bridged = (_bridge(params["frozen_bridges"][s], stack_feats, True)
+                 if spec.frozen_bridges else stack_feats)
       targets.append(resized(bridged, feats))
     joined = tuple(jnp.concatenate(taps) for taps in zip(*targets))
     feature = losses.masked_mean(
