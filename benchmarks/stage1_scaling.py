@@ -5,9 +5,10 @@
 Table 1: the kamal_jax stage-1 step for K = 1 to 64 teachers in the group (its frozen
 networks run stage1.teacher_chunk at a time, `--chunk`), beside one teacher's
 eval-mode forward: per K the programs XLA compiled for the step and their seconds
-(no persistent cache: this table measures compiling; median of --compiles), the step's time, its work
-(XLA's FLOP count) and its memory (XLA's memory analysis of the compiled step: the
-arguments, the teachers' weights among them, and the temporaries); then the slope
+(no persistent cache: this table measures compiling; the median of --compiles), the
+step's time, its work (XLA's FLOP count) and its memory (XLA's memory analysis of the
+compiled step: the arguments, the teachers' weights among them, and the
+temporaries); then the slope
 (least-squares seconds per added teacher, over K >= 8) in units of that forward.
 Each added teacher costs its forward and, under the method's one-hot selection, the
 merge of its features into each image's choice; the bridges run once, on the chosen
@@ -51,7 +52,8 @@ def _none_after_ambiguity(ambiguity_values, key, correct, temperature):
   return jnp.full((b, k), 1.0 / k) + 0.0 * jnp.sum(ambiguity_values)
 
 
-ambiguity.RULES[CONTROL] = ambiguity.Rule(weigh=_none_after_ambiguity)  # the step looks rules up by name
+# The step looks rules up by name.
+ambiguity.RULES[CONTROL] = ambiguity.Rule(weigh=_none_after_ambiguity)
 
 
 def _compiled(run) -> dict:

@@ -208,7 +208,7 @@ def _stack_pass(spec: Amalgamation, stack: FrozenStack, x, outputs, first: int, 
     amb, score, correct = _selection_inputs(spec, target[..., :part_size], atypical,
                                             labels)  # [c, B]
     per_network = (target, amb, atypical, score, correct)
-    if rule.tier is None:
+    if not rule.one_hot:
       return best, (per_network, out.feats)
     tier = jnp.broadcast_to(rule.tier(k, key, correct, count), score.shape)
     i, rows = ambiguity.choose(tier, score), jnp.arange(score.shape[1])  # [B]
@@ -218,7 +218,7 @@ def _stack_pass(spec: Amalgamation, stack: FrozenStack, x, outputs, first: int, 
   size = jax.tree.leaves(stack.nets)[0].shape[0]
   outputs = None if outputs is None else _networks_first(outputs)
   best = ()
-  if rule.tier is not None:
+  if rule.one_hot:
     taps = jax.eval_shape(run, jax.tree.map(lambda a: a[:1], stack.nets)).feats  # [1, B, ...]
     batch = x.shape[0]
     best = _Choice(jnp.full((batch,), jnp.iinfo(jnp.int32).max, jnp.int32),
@@ -255,7 +255,7 @@ def _group_loss(spec: Amalgamation, params, group: tuple[FrozenStack, ...], x, l
     for bridges in params["frozen_bridges"]:  # per tap [K_s, 1, 1, D, c]
       weight_norm += sum(jnp.sum(jax.vmap(losses.weight_norm_penalty)(k))
                          for k in jax.tree.leaves(bridges))
-  if ambiguity.RULES[spec.selection].tier is None:
+  if not ambiguity.RULES[spec.selection].one_hot:
     weights = ambiguity.weights(spec.selection, score, key=key, correct=correct,
                                 temperature=spec.temperature)
     for s, stack_feats in enumerate(frozen_feats):

@@ -15,7 +15,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["atypicality", "choose", "entropy", "get", "margin", "max_prob", "Rule", "RULES", "weights"]
+__all__ = ["atypicality", "choose", "entropy", "get", "margin", "max_prob", "Rule", "RULES",
+           "weights"]
 
 
 def entropy(logits: jnp.ndarray) -> jnp.ndarray:
@@ -125,6 +126,10 @@ class Rule:
   needs_key: bool = False  # a PRNG key per sample ('key')
   needs_labels: bool = False  # the samples' positions in the parts ('label')
 
+  @property
+  def one_hot(self) -> bool:
+    return self.tier is not None
+
 
 RULES = {"least": Rule(_least_tier), "none": Rule(weigh=_none),
          "random": Rule(_random_tier, needs_key=True), "soft": Rule(weigh=_soft),
@@ -136,7 +141,7 @@ def weights(rule: str, ambiguity: jnp.ndarray, *, key=None, correct=None,
   """[K, B] ambiguity -> [B, K] per-sample teacher weights under `rule`."""
   if rule not in RULES:
     raise ValueError(f"Unknown selection rule {rule!r}: use one of {sorted(RULES)}.")
-  if RULES[rule].weigh is not None:
+  if not RULES[rule].one_hot:
     return RULES[rule].weigh(ambiguity, key, correct, temperature)
   count = ambiguity.shape[0]
   tier = RULES[rule].tier(jnp.arange(count), key, correct, count)

@@ -99,7 +99,7 @@ def stage1_memory(config: ml_collections.ConfigDict, groups: dict[str, list], ex
     floats = sum(p * (t.shape[-1] + 2 * c) for p, t, c in zip(pixels, taps, widths))
     return _bytes(variables) + 2 * 4 * 4 * bridges, 4 * floats
 
-  one_hot = ambiguity.RULES[config.stage1.selection].tier is not None
+  one_hot = ambiguity.RULES[config.stage1.selection].one_hot
   largest = None
   for part, modules in groups.items():
     weights = sum(per_teacher(m)[0] for m in modules)
@@ -140,8 +140,7 @@ def check_memory(config: ml_collections.ConfigDict, groups: dict[str, list], exa
   if need["bytes"] > available:
     gb = lambda b: f"{b / 2**30:.2f} GB"
     teachers = len(groups[need["group"]])
-    shrink = (" or stage1.teacher_chunk"
-              if ambiguity.RULES[config.stage1.selection].tier is not None else "")
+    shrink = " or stage1.teacher_chunk" if ambiguity.RULES[config.stage1.selection].one_hot else ""
     raise ValueError(
         f"{stage} of part {need['group']!r} ({teachers} teachers) needs about "
         f"{gb(need['bytes'])} ({gb(need['weights'])} of teachers and bridges and "
