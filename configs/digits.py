@@ -121,8 +121,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       teacher_chunk=2,
       optimizer=optimizer(1e-3, bridge_learning_rate=2e-3)))
   # The student: from the components, or (single_stage, supervised) directly.
+  # joint_weight: beside each head's logits and rest, the student learns the joint
+  # distribution over all the target's classes that its targets' heads give together
+  # (KL; kamal_jax.joint.scores), the decision the user asks of it. Needs a rest.
   c.stage2 = ml_collections.ConfigDict(dict(
-      steps=400, batch_size=64, optimizer=optimizer(1e-3, bridge_learning_rate=2e-3)))
+      steps=400, batch_size=64, logit_loss="mse", joint_weight=0.0,
+      optimizer=optimizer(1e-3, bridge_learning_rate=2e-3)))
 
   c.eval_batch_size = 512
   # Where every epoch shows the same images (no augmentation), the frozen networks'

@@ -22,7 +22,9 @@ the teacher's ambiguity and how unlike its training images the image is
 
 With a `rest`, z_k carries one more logit, the teacher's mass outside the part
 (`joint.rest_logit`; 'mean': agreed by the group's teachers, 'typical': by those the
-image is typical for), which a component learns as an extra output.
+image is typical for), which a component learns as an extra output. A network of
+several heads with rests may also learn, at joint_weight, the joint distribution over
+all the heads' classes that its targets give together (`_joint_loss`).
 
 The frozen networks are a tuple over groups of tuples over stacks of `FrozenStack`
 (the architecture, static, beside its arrays).
@@ -83,6 +85,7 @@ class Amalgamation:
   rest: str = "none"  # 'none', or the targets carry a rest logit: joint.RESTS
   typical_temperature: float = 0.05  # of the 'typical' rest, in nats of atypicality
   atypicality_weight: float = 0.0  # of the atypicality in the selection score
+  joint_weight: float = 0.0  # of the joint KL over all heads' classes (`_joint_loss`)
   teacher_chunk: int = 0  # frozen networks run per traced body (`scan_stacked`); 0: all
 
 
@@ -234,7 +237,8 @@ def _group_loss(spec: Amalgamation, params, group: tuple[FrozenStack, ...], x, l
   component learns the rest logit too) and its feats; key [B] (one PRNG key per
   sample) only for the random rule, labels [B] (positions in the part, -1 outside it)
   only for the oracle rule; outputs: the stacks' outputs on x computed beforehand
-  ([B, K_s, ...]), or None to run them. Returns (loss, metrics).
+  ([B, K_s, ...]), or None to run them. Returns (loss, metrics, target): target [B, H]
+  the logits the head learns, by the selection's weights over the group's networks.
 
   Under a one-hot rule the frozen features reach the loss only through each sample's
   chosen network, so the step keeps one network's features per sample; a rule that
@@ -291,7 +295,18 @@ def _group_loss(spec: Amalgamation, params, group: tuple[FrozenStack, ...], x, l
       "ambiguity": jnp.mean(amb, axis=1),  # [K]
       "atypicality": jnp.mean(atypical, axis=1),  # [K]
   }
-  return loss, metrics
+  return loss, metrics, jnp.einsum("bk,kbh->bh", weights, regressed)
+
+
+def _joint_loss(spec: Amalgamation, logits, targets):
+  """KL(target || network) of the joint distributions over every head's classes
+  (`joint.scores`): the network's logits [B, sum of head_sizes] and the heads'
+  targets (per head [B, H_g], each with its rest logit). Per head, MSE on logits
+  learns each part's decision and its rest; this asks for the one decision across
+  the parts that the joint rule takes. [B]."""
+  target = joint.scores(jnp.concatenate(targets, axis=-1), spec.head_sizes, rest=True)
+  return losses.kd_kl(joint.scores(logits, spec.head_sizes, rest=True), target,
+                      spec.kd_temperature)
 
 
 # The per-group metrics with one entry per frozen network of the group ([K]).
@@ -331,15 +346,18 @@ def amalgamation_loss(spec: Amalgamation, params, batch_stats, frozen, batch):
   x = batch["image"]
   net, batch_stats = _train_apply(spec.net, params["net"], batch_stats, x)
   keys = jax.random.wrap_key_data(batch["key"]) if "key" in batch else None  # [B]
-  total, metrics = 0.0, {}
+  total, metrics, targets = 0.0, {}, []
   for g, logits in enumerate(joint.split_heads(net.logits, spec.head_sizes)):
-    loss, group_metrics = _group_loss(
+    loss, group_metrics, target = _group_loss(
         spec, params["groups"][str(g)], frozen[g], x, logits, net.feats,
         None if keys is None else jax.vmap(jax.random.fold_in, (0, None))(keys, g),
         batch["label"][:, g] if "label" in batch else None,
         batch["frozen"][g] if "frozen" in batch else None)
-    total = total + loss
+    total, targets = total + loss, targets + [target]
     metrics.update({metric_name(g, name): value for name, value in group_metrics.items()})
+  if spec.joint_weight:
+    metrics["joint_loss"] = jnp.mean(_joint_loss(spec, net.logits, targets))
+    total = total + spec.joint_weight * metrics["joint_loss"]
   return total, (metrics, batch_stats)
 
 
@@ -516,7 +534,8 @@ def single_stage(name: str, plan: tasks.AmalgamationPlan, pool: list[TeacherStac
                  cfg: ml_collections.ConfigDict, examples: Examples, **how) -> train.Stage:
   """The student `net` (a head per group) from every group's teachers directly, by the
   method's settings (config.stage1) and training section `cfg` (config.stage2)."""
-  spec = Amalgamation(net=net, head_sizes=tuple(head_sizes), **settings(method))
+  spec = Amalgamation(net=net, head_sizes=tuple(head_sizes), joint_weight=cfg.joint_weight,
+                      **settings(method))
   frozen = tuple(group_frozen(plan, pool, group) for group in plan.groups)
   return stage(name, spec, frozen, examples, cfg,
                metric_labels([group.teachers for group in plan.groups]), **how)
@@ -533,6 +552,7 @@ def stage2(name: str, parts, components: list[tuple[nn.Module, dict]], net: nn.M
   spec = Amalgamation(**dict(
       settings(method), net=net, head_sizes=tuple(head_sizes),
       bridge_widths=models.tap_widths(components[0][0], examples.example()),
-      frozen_bridges=False, selection="least", feature_weight=1.0, logit_loss="mse"))
+      frozen_bridges=False, selection="least", feature_weight=1.0, logit_loss=cfg.logit_loss,
+      joint_weight=cfg.joint_weight))
   return stage(name, spec, frozen, examples, cfg,
                metric_labels([(part.name,) for part in parts]), **how)

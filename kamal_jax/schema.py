@@ -283,6 +283,12 @@ FIELDS: tuple[Field, ...] = (
     *_optimizer("stage1"),
     Field("stage2.steps", Integer(), "Steps of the student."),
     Field("stage2.batch_size", Integer(), "Its global batch size."),
+    Field("stage2.logit_loss", Choice(amalgamate.LOGIT_LOSSES),
+          "How the student's heads match the components' logits: mse (the method), or "
+          "kd (at stage1.kd_temperature)."),
+    Field("stage2.joint_weight", Number(0),
+          "Weight of the KL between the student's and its targets' joint distributions "
+          "over all the target's classes (needs stage1.rest; 0: heads learn apart)."),
     *_optimizer("stage2"),
     Field("eval_batch_size", Integer(), "Images per forward when scoring and caching."),
     Field("frozen_output_cache_mb", Number(0), "MB a stage may keep of the frozen "
@@ -360,6 +366,14 @@ def _folder_named(config, devices: int) -> str | None:
   return None
 
 
+def _joint_needs_rest(config, devices: int) -> str | None:
+  del devices
+  if config.stage2.joint_weight and config.stage1.rest == "none":
+    return (f"stage2.joint_weight={config.stage2.joint_weight} needs the heads' rest "
+            "logits: set stage1.rest (e.g. 'typical'), or stage2.joint_weight=0.")
+  return None
+
+
 RULES: tuple[Rule, ...] = (
     Rule(_BATCHES, "Every batch splits evenly over the devices.", _split_over_devices),
     Rule(("checkpoint_every", "log_every"), "checkpoint_every is a multiple of log_every.",
@@ -369,6 +383,8 @@ RULES: tuple[Rule, ...] = (
     Rule(("data.mean", "data.std", "data.channels"),
          "data.mean and data.std: one of each per channel, or neither.", _normalisation),
     Rule(("data.path", "data.name"), "A folder dataset names its folder.", _folder_named),
+    Rule(("stage2.joint_weight", "stage1.rest"), "The joint term needs a rest.",
+         _joint_needs_rest),
 )
 
 

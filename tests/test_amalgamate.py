@@ -297,18 +297,20 @@ def test_loss_is_the_weighted_sum_of_feature_and_logit_terms(stage1):
   assert metrics["0/weight_norm"] > 0  # fresh bridge rows are not unit norm
 
 
-def _stage2(tiny):
-  """A student (heads of 3 and 2 classes) from one frozen component per group."""
-  components = [models.create(tiny.models.teacher, p, tiny.models.teacher_width_scale)
+def _stage2(tiny, **overrides):
+  """A student (heads of 3 and 2 classes, each with one output more for the rest where
+  `overrides` name a rest) from one frozen component per group."""
+  extra = int(overrides.get("rest", "none") != "none")
+  components = [models.create(tiny.models.teacher, p + extra, tiny.models.teacher_width_scale)
                 for p in (3, 2)]
   spec = amalgamate.Amalgamation(
-      net=models.create(tiny.models.student, 5, tiny.models.student_width_scale,
+      net=models.create(tiny.models.student, 5 + 2 * extra, tiny.models.student_width_scale,
                         axis_name=train.AXIS),
-      head_sizes=(3, 2),
-      bridge_widths=components[0].widths, frozen_bridges=False)
-  frozen = tuple((amalgamate.FrozenStack(
-      c, teachers.stack_variables([c.init(jax.random.key(g, impl="rbg"), IMAGES[:1])]),
-      np.arange(c.num_outputs, dtype=np.int32)[None]),) for g, c in enumerate(components))
+      head_sizes=(3 + extra, 2 + extra),
+      bridge_widths=components[0].widths, frozen_bridges=False, **overrides)
+  frozen = tuple(amalgamate.component_frozen(c, c.init(jax.random.key(g, impl="rbg"), IMAGES[:1]),
+                                             c.num_outputs - extra)
+                 for g, c in enumerate(components))
   return spec, frozen, _state(spec, frozen, tiny.stage2.optimizer, seed=3)
 
 
@@ -374,3 +376,25 @@ def test_a_component_learns_the_groups_agreed_rest_logit(tiny):
   np.testing.assert_allclose(metrics["0/logit_loss"], expected, rtol=1e-4)
   masses = jax.nn.softmax(target, axis=-1)[..., -1]  # [2, B]: the teachers agree
   np.testing.assert_allclose(masses[0], masses[1], rtol=1e-4)
+
+
+def test_the_joint_term_is_the_kl_of_the_joint_distributions_over_every_heads_classes(tiny):
+  """Stage 2 with rests: beside each head's terms, joint_weight times the KL (at the
+  KD temperature T, times T^2) from the components' joint distribution over the 5
+  target classes to the student's."""
+  spec, frozen, state = _stage2(tiny, rest="own", joint_weight=0.5, kd_temperature=2.0)
+  loss, (metrics, _) = jax.device_get(_loss(spec, state, frozen))
+
+  components = [teachers.stacked_apply(s.module, s.nets, IMAGES, in_step=False).logits[0]
+                for (s,) in frozen]  # [B, P + 1] each: the rest is the component's own
+  scores = lambda logits: joint.scores(logits, (4, 3), rest=True) / 2.0  # [B, 5]
+  target = jax.nn.softmax(scores(np.concatenate(components, -1)))
+  plain = spec.net.clone(bn_axis_name=None)
+  net_logits = plain.apply({"params": state.params["net"], "batch_stats": state.batch_stats},
+                           IMAGES, train=True, mutable=["batch_stats"])[0].logits  # [B, 7]
+  student = jax.nn.log_softmax(scores(net_logits))
+  kl = 4.0 * np.mean(np.sum(target * (np.log(target) - student), axis=-1))
+  np.testing.assert_allclose(metrics["joint_loss"], kl, rtol=1e-4)
+  heads = sum(metrics[f"{g}/feature_loss"] + metrics[f"{g}/logit_loss"] for g in (0, 1))
+  np.testing.assert_allclose(loss, heads + 0.5 * kl, rtol=1e-5)
+  assert kl > 0.01  # untrained: the student's joint decision is not the components'

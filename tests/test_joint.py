@@ -67,3 +67,14 @@ def test_joint_rule_reads_the_rest_where_the_concatenated_argmax_is_wrong():
   student = np.array([[1.0, 2.0, 0.0, 0.5, 2.5, 0.0]], np.float32)
   assert int(joint.decide(student, (3, 3))[0]) == 4
   assert jax.jit(joint.decide, static_argnums=(1, 2))(logits, (4, 4), True)[0] == 3
+
+
+def test_heads_with_rests_give_back_the_union_distribution_they_were_cut_from():
+  # One image's distribution over the target's classes {0, 1, 2 | 3, 4}; each head
+  # holds its part's probabilities and, as its rest, the mass of the other part.
+  union = np.array([0.05, 0.5, 0.1, 0.3, 0.05])
+  head1 = np.log([*union[:3], union[3:].sum()])
+  head2 = np.log([*union[3:], union[:3].sum()]) + 7.0  # logits: any offset
+  logits = np.concatenate([head1, head2])[None].astype(np.float32)
+  got = jax.nn.softmax(joint.scores(logits, (4, 3), rest=True), axis=-1)
+  np.testing.assert_allclose(np.asarray(got[0]), union, rtol=1e-5)
