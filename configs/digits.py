@@ -121,9 +121,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       teacher_chunk=2,
       optimizer=optimizer(1e-3, bridge_learning_rate=2e-3)))
   # The student: from the components, or (single_stage, supervised) directly.
-  # joint_weight: beside each head's logits and rest, the student learns the joint
-  # distribution over all the target's classes that its targets' heads give together
-  # (KL; kamal_jax.joint.scores), the decision the user asks of it. Needs a rest.
+  # logit_loss: how its heads match the components' logits, 'mse' (the method) or
+  # 'kd' (the single-stage student reads stage1.logit_loss). joint_weight: beside each
+  # head's logits and rest, it learns the joint distribution over all the target's
+  # classes that its targets' heads give together (KL; kamal_jax.joint.scores), the
+  # decision the user asks of it; needs a rest. benchmarks/results/digits.md measures
+  # both (rows stage2-kd, joint-kl).
   c.stage2 = ml_collections.ConfigDict(dict(
       steps=400, batch_size=64, logit_loss="mse", joint_weight=0.0,
       optimizer=optimizer(1e-3, bridge_learning_rate=2e-3)))

@@ -285,7 +285,7 @@ FIELDS: tuple[Field, ...] = (
     Field("stage2.batch_size", Integer(), "Its global batch size."),
     Field("stage2.logit_loss", Choice(amalgamate.LOGIT_LOSSES),
           "How the student's heads match the components' logits: mse (the method), or "
-          "kd (at stage1.kd_temperature)."),
+          "kd (at stage1.kd_temperature); a single-stage student reads stage1.logit_loss."),
     Field("stage2.joint_weight", Number(0),
           "Weight of the KL between the student's and its targets' joint distributions "
           "over all the target's classes (needs stage1.rest; 0: heads learn apart)."),
