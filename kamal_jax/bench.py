@@ -39,6 +39,8 @@ VARIANTS = {
     "joint-kl": Variant({"stage2.joint_weight": 1.0},
                         "the student also learns the components' joint distribution"),
     "stage2-kd": Variant({"stage2.logit_loss": "kd"}, "the student's heads learn by KD"),
+    "stage2-kd-long": Variant({"stage2.logit_loss": "kd", "stage2.steps": 1600},
+                              "the student's heads learn by KD, 4x the steps"),
     "stage2-kd-joint": Variant({"stage2.logit_loss": "kd", "stage2.joint_weight": 1.0},
                                "KD heads and the joint distribution"),
     "least-margin": Variant({"stage1.ambiguity": "margin"}),
