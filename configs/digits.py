@@ -126,7 +126,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # head's logits and rest, it learns the joint distribution over all the target's
   # classes that its targets' heads give together (KL; kamal_jax.joint.scores), the
   # decision the user asks of it; needs a rest. benchmarks/results/digits.md measures
-  # both (rows stage2-kd, joint-kl).
+  # both (rows joint-kl, stage2-kd, stage2-kd-long: KD at 1600 steps).
   c.stage2 = ml_collections.ConfigDict(dict(
       steps=400, batch_size=64, logit_loss="mse", joint_weight=0.0,
       optimizer=optimizer(1e-3, bridge_learning_rate=2e-3)))

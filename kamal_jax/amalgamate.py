@@ -301,8 +301,8 @@ def _group_loss(spec: Amalgamation, params, group: tuple[FrozenStack, ...], x, l
 def _joint_loss(spec: Amalgamation, logits, targets):
   """KL(target || network) of the joint distributions over every head's classes
   (`joint.scores`): the network's logits [B, sum of head_sizes] and the heads'
-  targets (per head [B, H_g], each with its rest logit). Per head, MSE on logits
-  learns each part's decision and its rest; this asks for the one decision across
+  targets (per head [B, H_g], each with its rest logit). Each head's own term
+  learns its part's decision and its rest; this asks for the one decision across
   the parts that the joint rule takes. [B]."""
   target = joint.scores(jnp.concatenate(targets, axis=-1), spec.head_sizes, rest=True)
   return losses.kd_kl(joint.scores(logits, spec.head_sizes, rest=True), target,
