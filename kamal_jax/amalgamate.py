@@ -88,6 +88,11 @@ class Amalgamation:
   joint_weight: float = 0.0  # of the joint KL over all heads' classes (`_joint_loss`)
   teacher_chunk: int = 0  # frozen networks run per traced body (`scan_stacked`); 0: all
 
+  def __post_init__(self):
+    if self.joint_weight and self.rest == "none":
+      raise ValueError(f"joint_weight={self.joint_weight} needs the heads' rest logits: "
+                       "give a rest (joint.RESTS), or joint_weight=0.")
+
 
 LOGIT_LOSSES = {
     "mse": lambda predicted, target, temperature: losses.mse(predicted, target, batch_dims=2),

@@ -398,3 +398,11 @@ def test_the_joint_term_is_the_kl_of_the_joint_distributions_over_every_heads_cl
   heads = sum(metrics[f"{g}/feature_loss"] + metrics[f"{g}/logit_loss"] for g in (0, 1))
   np.testing.assert_allclose(loss, heads + 0.5 * kl, rtol=1e-5)
   assert kl > 0.01  # untrained: the student's joint decision is not the components'
+
+
+def test_a_spec_with_a_joint_term_and_no_rest_is_refused(tiny):
+  """The joint distribution reads each head's rest: a researcher's own spec without
+  one fails where it is built, not with a silently meaningless loss."""
+  with pytest.raises(ValueError, match=r"joint_weight=1.0 needs the heads' rest logits"):
+    amalgamate.Amalgamation(net=models.create(tiny.models.student, 5), head_sizes=(3, 2),
+                            bridge_widths=(8,), joint_weight=1.0)
