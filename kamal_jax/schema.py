@@ -284,8 +284,9 @@ FIELDS: tuple[Field, ...] = (
     Field("stage2.steps", Integer(), "Steps of the student."),
     Field("stage2.batch_size", Integer(), "Its global batch size."),
     Field("stage2.logit_loss", Choice(amalgamate.LOGIT_LOSSES),
-          "How the student's heads match the components' logits: mse (the method), or "
-          "kd (at stage1.kd_temperature); a single-stage student reads stage1.logit_loss."),
+          "How the student's heads match the components' logits: kd (at "
+          "stage1.kd_temperature), or mse (the paper's); a single-stage student reads "
+          "stage1.logit_loss."),
     Field("stage2.joint_weight", Number(0),
           "Weight of the KL between the student's and its targets' joint distributions "
           "over all the target's classes (needs stage1.rest; 0: heads learn apart)."),

@@ -173,9 +173,9 @@ def test_twelve_random_kills_of_the_default_change_nothing(tmp_path, capsys):
   triggers = [_checkpoint(teacher_stages[0], 100), _saving,
               _checkpoint(teacher_stages[-1], 300),
               _checkpoint("stage1_part1", 100), _checkpoint("stage1_part1", 300), _saving,
-              _checkpoint("stage1_part2", 200), _checkpoint("stage2", 100),
-              _checkpoint("stage2", 200), _saving, _checkpoint("stage2", 300),
-              _checkpoint("stage2", 400)]
+              _checkpoint("stage1_part2", 200), _checkpoint("stage2", 400),
+              _checkpoint("stage2", 800), _saving, _checkpoint("stage2", 1200),
+              _checkpoint("stage2", 1600)]
   delays = [0.0 if t is _saving else float(rng.uniform(0, 2)) for t in triggers]
   landed = run_with_interruptions(_command("configs/digits.py", workdir), workdir,
                                   [(t, d, _killed) for t, d in zip(triggers, delays)])
