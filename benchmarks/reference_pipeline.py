@@ -189,8 +189,8 @@ def main(argv):
   x = images[test]
   report = evaluate.score(plan, dataset.heads, dataset.labels[test],
                           {n: _logits(t, x) for n, t in teachers_.items()},
-                          [_logits(c, x) for c in components], _logits(student, x),
-                          config.stage1.ambiguity)
+                          [_logits(c, x) for c in components],
+                          np.split(_logits(student, x), np.cumsum(plan.head_sizes)[:-1], -1))
   done("evaluate")
   seconds["total"] = round(time.perf_counter() - start, 2)
   with open(FLAGS.out, "w") as f:
