@@ -126,10 +126,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # paper's; the single-stage student reads stage1.logit_loss). KD over 1600 steps
   # brings the student's joint accuracy up to its components' (MSE over 400 steps
   # left it below them: benchmarks/results/digits.md, rows stage2-mse-400,
-  # stage2-kd-400). joint_weight: beside each head's logits and rest, it learns the joint
-  # distribution over all the target's classes that its targets' heads give together
-  # (KL; kamal_jax.joint.scores); needs a rest. Measured, it adds nothing (row
-  # joint-kl).
+  # stage2-kd-400). joint_weight: beside each head's logits and rest, it learns the
+  # joint distribution over all the target's classes that its targets' heads give
+  # together (KL; kamal_jax.joint.scores); needs a rest. Measured, it adds nothing
+  # (row joint-kl).
   c.stage2 = ml_collections.ConfigDict(dict(
       steps=1600, batch_size=64, logit_loss="kd", joint_weight=0.0,
       optimizer=optimizer(1e-3, bridge_learning_rate=2e-3)))
